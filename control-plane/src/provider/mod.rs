@@ -1,0 +1,1 @@
+//! Providers feed the store.
