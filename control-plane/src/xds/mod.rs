@@ -1,1 +1,35 @@
-//! xDS server.
+//! The xDS server: serves Envoy xDS v3 resources over gRPC — ADS (state of the world and
+//! delta) and the standalone CDS/EDS/LDS/RDS services — from per-node resource sets.
+//!
+//! Knows nothing of CRDs: it asks a [`ResourceSource`] for the resources of a node and is told
+//! when they may have changed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::google::protobuf::Any;
+use tokio::sync::watch;
+
+pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+
+/// The order in which a change is pushed (make-before-break).
+pub const PUSH_ORDER: [&str; 4] = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE];
+
+/// Every resource one node receives: type URL → resource name → packed resource.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Resources {
+    pub by_type: BTreeMap<String, BTreeMap<String, Any>>,
+}
+
+/// Where the server gets resources from. Implemented by the wiring over store + translator.
+pub trait ResourceSource: Send + Sync + 'static {
+    /// The resources `node` should receive now. Nodes that receive identical resources may
+    /// share one `Arc`.
+    fn resources_for(&self, node: &Node) -> Arc<Resources>;
+    /// Changes whenever `resources_for` may return something new.
+    fn changes(&self) -> watch::Receiver<u64>;
+}
