@@ -6,7 +6,6 @@ use std::time::Duration as StdDuration;
 /// A duration in the Gateway API string form, kept as written so objects round-trip.
 pub type Duration = String;
 
-
 /// Parses a Gateway API duration. Errors say what is wrong with the text.
 pub fn parse_duration(text: &str) -> Result<StdDuration, String> {
     if text.is_empty() {
@@ -58,7 +57,10 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(StdDuration::from_millis(250)));
         assert_eq!(parse_duration("1h30m"), Ok(StdDuration::from_secs(5400)));
         assert_eq!(parse_duration("10s"), Ok(StdDuration::from_secs(10)));
-        assert_eq!(parse_duration("1m1s1ms"), Ok(StdDuration::from_millis(61_001)));
+        assert_eq!(
+            parse_duration("1m1s1ms"),
+            Ok(StdDuration::from_millis(61_001))
+        );
     }
 
     #[test]
@@ -68,6 +70,10 @@ mod tests {
         assert!(parse_duration("1.5s").is_err());
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("123456s").is_err());
-        assert!(parse_duration("1s1s1s1s1s").unwrap_err().contains("4 parts"));
+        assert!(
+            parse_duration("1s1s1s1s1s")
+                .unwrap_err()
+                .contains("4 parts")
+        );
     }
 }

@@ -7,6 +7,7 @@
 //!
 //! Must not know about xDS or about where objects come from.
 
+pub mod crd;
 mod duration;
 mod policy;
 mod route;

@@ -41,8 +41,17 @@ impl Errors {
     }
     fn regex(&mut self, path: String, value: &str) {
         if let Err(e) = regex::Regex::new(value) {
-            let first = e.to_string().lines().last().unwrap_or("invalid").trim().to_string();
-            self.push(path, format!("invalid regular expression {value:?}: {first}"));
+            let first = e
+                .to_string()
+                .lines()
+                .last()
+                .unwrap_or("invalid")
+                .trim()
+                .to_string();
+            self.push(
+                path,
+                format!("invalid regular expression {value:?}: {first}"),
+            );
         }
     }
     fn service_kind(&mut self, path: &str, group: &Option<String>, kind: &Option<String>) {
@@ -50,21 +59,27 @@ impl Errors {
             && !g.is_empty()
             && g != "core"
         {
-            self.push(format!("{path}.group"), format!("unsupported group {g:?} (expected \"\")"));
+            self.push(
+                format!("{path}.group"),
+                format!("unsupported group {g:?} (expected \"\")"),
+            );
         }
         if let Some(k) = kind
             && k != "Service"
         {
-            self.push(format!("{path}.kind"), format!("unsupported kind {k:?} (expected Service)"));
+            self.push(
+                format!("{path}.kind"),
+                format!("unsupported kind {k:?} (expected Service)"),
+            );
         }
     }
 }
 
 fn header_name_ok(name: &str) -> bool {
     !name.is_empty()
-        && name.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-        })
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn hostname_ok(h: &str) -> bool {
@@ -74,7 +89,9 @@ fn hostname_ok(h: &str) -> bool {
         && body.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -104,7 +121,10 @@ pub fn service_route(spec: &ServiceRouteSpec) -> Vec<FieldError> {
         if !hostname_ok(&h.0) {
             e.push(
                 format!("spec.hostnames[{i}]"),
-                format!("invalid hostname {:?} (lower-case DNS name, optionally starting with \"*.\")", h.0),
+                format!(
+                    "invalid hostname {:?} (lower-case DNS name, optionally starting with \"*.\")",
+                    h.0
+                ),
             );
         }
     }
@@ -121,12 +141,21 @@ pub fn service_route(spec: &ServiceRouteSpec) -> Vec<FieldError> {
                     PathMatchType::RegularExpression => e.regex(pp, &path.value),
                     PathMatchType::Exact | PathMatchType::PathPrefix => {
                         if !path.value.starts_with('/') {
-                            e.push(pp, format!("{:?} must be an absolute path (start with '/')", path.value));
+                            e.push(
+                                pp,
+                                format!(
+                                    "{:?} must be an absolute path (start with '/')",
+                                    path.value
+                                ),
+                            );
                         } else if path.type_ == PathMatchType::PathPrefix
                             && path.value.len() > 1
                             && path.value.ends_with('/')
                         {
-                            e.push(pp, format!("PathPrefix {:?} must not end with '/'", path.value));
+                            e.push(
+                                pp,
+                                format!("PathPrefix {:?} must not end with '/'", path.value),
+                            );
                         }
                     }
                 }
@@ -134,7 +163,10 @@ pub fn service_route(spec: &ServiceRouteSpec) -> Vec<FieldError> {
             for (h, hm) in mat.headers.iter().enumerate() {
                 let hp = format!("{mp}.headers[{h}]");
                 if !header_name_ok(&hm.name) {
-                    e.push(format!("{hp}.name"), format!("invalid header name {:?}", hm.name));
+                    e.push(
+                        format!("{hp}.name"),
+                        format!("invalid header name {:?}", hm.name),
+                    );
                 }
                 if hm.type_ == StringMatchType::RegularExpression {
                     e.regex(format!("{hp}.value"), &hm.value);
@@ -150,13 +182,25 @@ pub fn service_route(spec: &ServiceRouteSpec) -> Vec<FieldError> {
                 }
             }
         }
-        let has_redirect = rule.filters.iter().any(|f| f.type_ == FilterType::RequestRedirect);
-        let has_rewrite = rule.filters.iter().any(|f| f.type_ == FilterType::UrlRewrite);
+        let has_redirect = rule
+            .filters
+            .iter()
+            .any(|f| f.type_ == FilterType::RequestRedirect);
+        let has_rewrite = rule
+            .filters
+            .iter()
+            .any(|f| f.type_ == FilterType::UrlRewrite);
         if has_redirect && !rule.backend_refs.is_empty() {
-            e.push(format!("{rp}.backendRefs"), "a rule with a RequestRedirect filter must not have backendRefs");
+            e.push(
+                format!("{rp}.backendRefs"),
+                "a rule with a RequestRedirect filter must not have backendRefs",
+            );
         }
         if has_redirect && has_rewrite {
-            e.push(format!("{rp}.filters"), "RequestRedirect and URLRewrite cannot be used in the same rule");
+            e.push(
+                format!("{rp}.filters"),
+                "RequestRedirect and URLRewrite cannot be used in the same rule",
+            );
         }
         for (f, filter) in rule.filters.iter().enumerate() {
             validate_filter(&mut e, &format!("{rp}.filters[{f}]"), filter, rule);
@@ -173,7 +217,10 @@ pub fn service_route(spec: &ServiceRouteSpec) -> Vec<FieldError> {
             if let Some(w) = backend.weight
                 && !(0..=1_000_000).contains(&w)
             {
-                e.push(format!("{bp}.weight"), format!("{w} out of range (0-1000000)"));
+                e.push(
+                    format!("{bp}.weight"),
+                    format!("{w} out of range (0-1000000)"),
+                );
             }
         }
         if let Some(t) = &rule.timeouts {
@@ -184,19 +231,28 @@ pub fn service_route(spec: &ServiceRouteSpec) -> Vec<FieldError> {
                 && !req.is_zero()
                 && be > req
             {
-                e.push(format!("{rp}.timeouts.backendRequest"), "must not be longer than timeouts.request");
+                e.push(
+                    format!("{rp}.timeouts.backendRequest"),
+                    "must not be longer than timeouts.request",
+                );
             }
         }
         if let Some(retry) = &rule.retry {
             for (c, code) in retry.codes.iter().enumerate() {
                 if !(400..=599).contains(code) {
-                    e.push(format!("{rp}.retry.codes[{c}]"), format!("{code} is not a retriable status (400-599)"));
+                    e.push(
+                        format!("{rp}.retry.codes[{c}]"),
+                        format!("{code} is not a retriable status (400-599)"),
+                    );
                 }
             }
             if let Some(a) = retry.attempts
                 && !(0..=16).contains(&a)
             {
-                e.push(format!("{rp}.retry.attempts"), format!("{a} out of range (0-16)"));
+                e.push(
+                    format!("{rp}.retry.attempts"),
+                    format!("{a} out of range (0-16)"),
+                );
             }
             e.duration(format!("{rp}.retry.backoff"), &retry.backoff);
         }
@@ -206,18 +262,44 @@ pub fn service_route(spec: &ServiceRouteSpec) -> Vec<FieldError> {
 
 fn validate_filter(e: &mut Errors, fp: &str, filter: &RouteFilter, rule: &RouteRule) {
     let set = [
-        (FilterType::RequestHeaderModifier, "requestHeaderModifier", filter.request_header_modifier.is_some()),
-        (FilterType::ResponseHeaderModifier, "responseHeaderModifier", filter.response_header_modifier.is_some()),
-        (FilterType::RequestRedirect, "requestRedirect", filter.request_redirect.is_some()),
-        (FilterType::UrlRewrite, "urlRewrite", filter.url_rewrite.is_some()),
-        (FilterType::RequestMirror, "requestMirror", filter.request_mirror.is_some()),
+        (
+            FilterType::RequestHeaderModifier,
+            "requestHeaderModifier",
+            filter.request_header_modifier.is_some(),
+        ),
+        (
+            FilterType::ResponseHeaderModifier,
+            "responseHeaderModifier",
+            filter.response_header_modifier.is_some(),
+        ),
+        (
+            FilterType::RequestRedirect,
+            "requestRedirect",
+            filter.request_redirect.is_some(),
+        ),
+        (
+            FilterType::UrlRewrite,
+            "urlRewrite",
+            filter.url_rewrite.is_some(),
+        ),
+        (
+            FilterType::RequestMirror,
+            "requestMirror",
+            filter.request_mirror.is_some(),
+        ),
     ];
     for (ty, field, present) in set {
         if (filter.type_ == ty) != present {
             if present {
-                e.push(format!("{fp}.{field}"), format!("must not be set when type is {:?}", filter.type_));
+                e.push(
+                    format!("{fp}.{field}"),
+                    format!("must not be set when type is {:?}", filter.type_),
+                );
             } else {
-                e.push(format!("{fp}.{field}"), format!("required when type is {ty:?}"));
+                e.push(
+                    format!("{fp}.{field}"),
+                    format!("required when type is {ty:?}"),
+                );
             }
         }
     }
@@ -229,13 +311,19 @@ fn validate_filter(e: &mut Errors, fp: &str, filter: &RouteFilter, rule: &RouteR
             for (kind, headers) in [("set", &m.set), ("add", &m.add)] {
                 for (i, h) in headers.iter().enumerate() {
                     if !header_name_ok(&h.name) {
-                        e.push(format!("{fp}.{field}.{kind}[{i}].name"), format!("invalid header name {:?}", h.name));
+                        e.push(
+                            format!("{fp}.{field}.{kind}[{i}].name"),
+                            format!("invalid header name {:?}", h.name),
+                        );
                     }
                 }
             }
             for (i, h) in m.remove.iter().enumerate() {
                 if !header_name_ok(h) {
-                    e.push(format!("{fp}.{field}.remove[{i}]"), format!("invalid header name {h:?}"));
+                    e.push(
+                        format!("{fp}.{field}.remove[{i}]"),
+                        format!("invalid header name {h:?}"),
+                    );
                 }
             }
         }
@@ -244,26 +332,43 @@ fn validate_filter(e: &mut Errors, fp: &str, filter: &RouteFilter, rule: &RouteR
         match m.type_ {
             PathModifierType::ReplaceFullPath => {
                 if m.replace_full_path.is_none() {
-                    e.push(format!("{p}.replaceFullPath"), "required when type is ReplaceFullPath");
+                    e.push(
+                        format!("{p}.replaceFullPath"),
+                        "required when type is ReplaceFullPath",
+                    );
                 }
                 if m.replace_prefix_match.is_some() {
-                    e.push(format!("{p}.replacePrefixMatch"), "must not be set when type is ReplaceFullPath");
+                    e.push(
+                        format!("{p}.replacePrefixMatch"),
+                        "must not be set when type is ReplaceFullPath",
+                    );
                 }
             }
             PathModifierType::ReplacePrefixMatch => {
                 if m.replace_prefix_match.is_none() {
-                    e.push(format!("{p}.replacePrefixMatch"), "required when type is ReplacePrefixMatch");
+                    e.push(
+                        format!("{p}.replacePrefixMatch"),
+                        "required when type is ReplacePrefixMatch",
+                    );
                 }
                 if m.replace_full_path.is_some() {
-                    e.push(format!("{p}.replaceFullPath"), "must not be set when type is ReplacePrefixMatch");
+                    e.push(
+                        format!("{p}.replaceFullPath"),
+                        "must not be set when type is ReplacePrefixMatch",
+                    );
                 }
                 // Gateway API: ReplacePrefixMatch needs exactly one PathPrefix match to replace.
                 let prefix_only = !rule.matches.is_empty()
                     && rule.matches.iter().all(|m| {
-                        m.path.as_ref().is_none_or(|p| p.type_ == PathMatchType::PathPrefix)
+                        m.path
+                            .as_ref()
+                            .is_none_or(|p| p.type_ == PathMatchType::PathPrefix)
                     });
                 if !prefix_only {
-                    e.push(format!("{p}.type"), "ReplacePrefixMatch needs every match of the rule to be a PathPrefix match");
+                    e.push(
+                        format!("{p}.type"),
+                        "ReplacePrefixMatch needs every match of the rule to be a PathPrefix match",
+                    );
                 }
             }
         }
@@ -272,7 +377,10 @@ fn validate_filter(e: &mut Errors, fp: &str, filter: &RouteFilter, rule: &RouteR
         if let Some(code) = r.status_code
             && ![301, 302, 303, 307, 308].contains(&code)
         {
-            e.push(format!("{fp}.requestRedirect.statusCode"), format!("{code} is not one of 301, 302, 303, 307, 308"));
+            e.push(
+                format!("{fp}.requestRedirect.statusCode"),
+                format!("{code} is not one of 301, 302, 303, 307, 308"),
+            );
         }
         if !port_ok(r.port) {
             e.push(format!("{fp}.requestRedirect.port"), "must be 1-65535");
@@ -295,7 +403,10 @@ fn validate_filter(e: &mut Errors, fp: &str, filter: &RouteFilter, rule: &RouteR
         if let Some(p) = m.percent
             && !(0..=100).contains(&p)
         {
-            e.push(format!("{fp}.requestMirror.percent"), format!("{p} out of range (0-100)"));
+            e.push(
+                format!("{fp}.requestMirror.percent"),
+                format!("{p} out of range (0-100)"),
+            );
         }
     }
 }
@@ -303,7 +414,11 @@ fn validate_filter(e: &mut Errors, fp: &str, filter: &RouteFilter, rule: &RouteR
 /// Checks a ServicePolicy spec. Empty means valid.
 pub fn service_policy(spec: &ServicePolicySpec) -> Vec<FieldError> {
     let mut e = Errors(Vec::new());
-    e.service_kind("spec.targetRef", &spec.target_ref.group, &spec.target_ref.kind);
+    e.service_kind(
+        "spec.targetRef",
+        &spec.target_ref.group,
+        &spec.target_ref.kind,
+    );
     if spec.target_ref.name.is_empty() {
         e.push("spec.targetRef.name", "required");
     }
@@ -312,71 +427,129 @@ pub fn service_policy(spec: &ServicePolicySpec) -> Vec<FieldError> {
     }
     e.duration("spec.connectTimeout".into(), &spec.connect_timeout);
     if let Some(lb) = &spec.load_balancer {
-        let hashing = matches!(lb.type_, LoadBalancerType::RingHash | LoadBalancerType::Maglev);
+        let hashing = matches!(
+            lb.type_,
+            LoadBalancerType::RingHash | LoadBalancerType::Maglev
+        );
         if !lb.hash_policies.is_empty() && !hashing {
-            e.push("spec.loadBalancer.hashPolicies", format!("hashPolicies need type RingHash or Maglev (type is {:?})", lb.type_));
+            e.push(
+                "spec.loadBalancer.hashPolicies",
+                format!(
+                    "hashPolicies need type RingHash or Maglev (type is {:?})",
+                    lb.type_
+                ),
+            );
         }
         for (i, h) in lb.hash_policies.iter().enumerate() {
-            let n = [h.header.is_some(), h.cookie.is_some(), h.source_ip.is_some(), h.query_parameter.is_some()]
-                .iter()
-                .filter(|x| **x)
-                .count();
+            let n = [
+                h.header.is_some(),
+                h.cookie.is_some(),
+                h.source_ip.is_some(),
+                h.query_parameter.is_some(),
+            ]
+            .iter()
+            .filter(|x| **x)
+            .count();
             if n != 1 {
-                e.push(format!("spec.loadBalancer.hashPolicies[{i}]"), "exactly one of header, cookie, sourceIP, queryParameter must be set");
+                e.push(
+                    format!("spec.loadBalancer.hashPolicies[{i}]"),
+                    "exactly one of header, cookie, sourceIP, queryParameter must be set",
+                );
             }
             if let Some(c) = &h.cookie {
-                e.duration(format!("spec.loadBalancer.hashPolicies[{i}].cookie.ttl"), &c.ttl);
+                e.duration(
+                    format!("spec.loadBalancer.hashPolicies[{i}].cookie.ttl"),
+                    &c.ttl,
+                );
             }
         }
         if lb.choice_count.is_some() && lb.type_ != LoadBalancerType::LeastRequest {
-            e.push("spec.loadBalancer.choiceCount", "only applies to type LeastRequest");
+            e.push(
+                "spec.loadBalancer.choiceCount",
+                "only applies to type LeastRequest",
+            );
         }
         if lb.minimum_ring_size.is_some() && lb.type_ != LoadBalancerType::RingHash {
-            e.push("spec.loadBalancer.minimumRingSize", "only applies to type RingHash");
+            e.push(
+                "spec.loadBalancer.minimumRingSize",
+                "only applies to type RingHash",
+            );
         }
     }
     if let Some(hc) = &spec.health_check {
-        let n = [hc.http.is_some(), hc.tcp.is_some(), hc.grpc.is_some()].iter().filter(|x| **x).count();
+        let n = [hc.http.is_some(), hc.tcp.is_some(), hc.grpc.is_some()]
+            .iter()
+            .filter(|x| **x)
+            .count();
         if n != 1 {
-            e.push("spec.healthCheck", "exactly one of http, tcp, grpc must be set");
+            e.push(
+                "spec.healthCheck",
+                "exactly one of http, tcp, grpc must be set",
+            );
         }
-        for (f, v) in [("interval", &hc.interval), ("timeout", &hc.timeout), ("jitter", &hc.jitter), ("noTrafficInterval", &hc.no_traffic_interval)] {
+        for (f, v) in [
+            ("interval", &hc.interval),
+            ("timeout", &hc.timeout),
+            ("jitter", &hc.jitter),
+            ("noTrafficInterval", &hc.no_traffic_interval),
+        ] {
             e.duration(format!("spec.healthCheck.{f}"), v);
         }
         if let Some(http) = &hc.http {
             if !http.path.starts_with('/') {
-                e.push("spec.healthCheck.http.path", format!("{:?} must start with '/'", http.path));
+                e.push(
+                    "spec.healthCheck.http.path",
+                    format!("{:?} must start with '/'", http.path),
+                );
             }
             for (i, s) in http.expected_statuses.iter().enumerate() {
                 if !(100..=599).contains(s) {
-                    e.push(format!("spec.healthCheck.http.expectedStatuses[{i}]"), format!("{s} is not an HTTP status"));
+                    e.push(
+                        format!("spec.healthCheck.http.expectedStatuses[{i}]"),
+                        format!("{s} is not an HTTP status"),
+                    );
                 }
             }
         }
     }
     if let Some(od) = &spec.outlier_detection {
         e.duration("spec.outlierDetection.interval".into(), &od.interval);
-        e.duration("spec.outlierDetection.baseEjectionTime".into(), &od.base_ejection_time);
+        e.duration(
+            "spec.outlierDetection.baseEjectionTime".into(),
+            &od.base_ejection_time,
+        );
         if od.max_ejection_percent.is_some_and(|p| p > 100) {
             e.push("spec.outlierDetection.maxEjectionPercent", "must be 0-100");
         }
     }
     if let Some(cp) = &spec.connection_pool {
         e.duration("spec.connectionPool.idleTimeout".into(), &cp.idle_timeout);
-        e.duration("spec.connectionPool.maxConnectionDuration".into(), &cp.max_connection_duration);
+        e.duration(
+            "spec.connectionPool.maxConnectionDuration".into(),
+            &cp.max_connection_duration,
+        );
         if cp.max_requests_per_connection == Some(0) {
-            e.push("spec.connectionPool.maxRequestsPerConnection", "must be at least 1");
+            e.push(
+                "spec.connectionPool.maxRequestsPerConnection",
+                "must be at least 1",
+            );
         }
         if let Some(k) = &cp.tcp_keepalive {
             e.duration("spec.connectionPool.tcpKeepalive.time".into(), &k.time);
-            e.duration("spec.connectionPool.tcpKeepalive.interval".into(), &k.interval);
+            e.duration(
+                "spec.connectionPool.tcpKeepalive.interval".into(),
+                &k.interval,
+            );
         }
     }
     if let Some(tls) = &spec.tls
         && tls.mode == TlsMode::Mutual
         && (tls.certificate_chain_file.is_none() || tls.private_key_file.is_none())
     {
-        e.push("spec.tls", "mode Mutual needs certificateChainFile and privateKeyFile");
+        e.push(
+            "spec.tls",
+            "mode Mutual needs certificateChainFile and privateKeyFile",
+        );
     }
     e.0
 }
@@ -402,14 +575,35 @@ mod tests {
         let spec = route(
             "parentRefs: [{name: r, kind: Pod}]\nrules:\n- matches: [{path: {type: RegularExpression, value: '(['}}, {path: {value: 'api'}}]\n  filters: [{type: RequestRedirect}]\n  backendRefs: [{name: x, weight: -1}]\n",
         );
-        let errors: Vec<String> = service_route(&spec).iter().map(ToString::to_string).collect();
+        let errors: Vec<String> = service_route(&spec)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         let has = |p: &str| errors.iter().any(|e| e.starts_with(p));
-        assert!(has("spec.parentRefs[0].kind: unsupported kind \"Pod\""), "{errors:?}");
-        assert!(has("spec.rules[0].matches[0].path.value: invalid regular expression"), "{errors:?}");
-        assert!(has("spec.rules[0].matches[1].path.value: \"api\" must be an absolute path"), "{errors:?}");
-        assert!(has("spec.rules[0].filters[0].requestRedirect: required"), "{errors:?}");
-        assert!(has("spec.rules[0].backendRefs: a rule with a RequestRedirect"), "{errors:?}");
-        assert!(has("spec.rules[0].backendRefs[0].weight: -1 out of range"), "{errors:?}");
+        assert!(
+            has("spec.parentRefs[0].kind: unsupported kind \"Pod\""),
+            "{errors:?}"
+        );
+        assert!(
+            has("spec.rules[0].matches[0].path.value: invalid regular expression"),
+            "{errors:?}"
+        );
+        assert!(
+            has("spec.rules[0].matches[1].path.value: \"api\" must be an absolute path"),
+            "{errors:?}"
+        );
+        assert!(
+            has("spec.rules[0].filters[0].requestRedirect: required"),
+            "{errors:?}"
+        );
+        assert!(
+            has("spec.rules[0].backendRefs: a rule with a RequestRedirect"),
+            "{errors:?}"
+        );
+        assert!(
+            has("spec.rules[0].backendRefs[0].weight: -1 out of range"),
+            "{errors:?}"
+        );
     }
 
     #[test]
@@ -418,11 +612,28 @@ mod tests {
             "targetRef: {name: s}\nloadBalancer: {type: RoundRobin, hashPolicies: [{header: x-user}]}\nhealthCheck: {interval: 5x}\nconnectTimeout: 1.5s\n",
         )
         .expect("parses");
-        let errors: Vec<String> = service_policy(&spec).iter().map(ToString::to_string).collect();
+        let errors: Vec<String> = service_policy(&spec)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         assert_eq!(errors.len(), 4, "{errors:?}");
-        assert!(errors.iter().any(|e| e.starts_with("spec.loadBalancer.hashPolicies: hashPolicies need type RingHash")));
-        assert!(errors.iter().any(|e| e.starts_with("spec.healthCheck: exactly one of")));
-        assert!(errors.iter().any(|e| e.starts_with("spec.healthCheck.interval: invalid duration")));
-        assert!(errors.iter().any(|e| e.starts_with("spec.connectTimeout: invalid duration")));
+        assert!(errors.iter().any(|e| {
+            e.starts_with("spec.loadBalancer.hashPolicies: hashPolicies need type RingHash")
+        }));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("spec.healthCheck: exactly one of"))
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("spec.healthCheck.interval: invalid duration"))
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("spec.connectTimeout: invalid duration"))
+        );
     }
 }
