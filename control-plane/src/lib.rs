@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod api;
 pub mod provider;
+pub mod runtime;
 pub mod store;
 pub mod translate;
 pub mod xds;

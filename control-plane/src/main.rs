@@ -1,8 +1,192 @@
-fn main() {
-    use kube::CustomResourceExt;
-    let crds = [capstan_control_plane::api::ServiceRoute::crd(), capstan_control_plane::api::ServicePolicy::crd()];
-    for c in crds {
-        println!("---");
-        print!("{}", serde_saphyr::to_string(&c).expect("crd"));
+//! `capstan-control-plane`: runs the control plane, or prints its CRDs or a node's xDS.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use capstan_control_plane::{api, provider, runtime, translate};
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Capstan's control plane: ServiceRoute/ServicePolicy → Envoy xDS v3 over gRPC.
+#[derive(Parser)]
+#[command(version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the CustomResourceDefinitions (what `crds/` holds).
+    Crds {
+        /// Write one file per CRD into this directory instead of printing.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
+    /// Print the xDS resources a node would receive for a configuration directory.
+    Translate {
+        #[arg(long)]
+        config_dir: PathBuf,
+        /// The node's id, `<pod>.<namespace>`.
+        #[arg(long)]
+        node_id: String,
+        /// The node's namespace (default: from the node id).
+        #[arg(long)]
+        namespace: Option<String>,
+        /// The node's workload (xDS `Node.cluster`).
+        #[arg(long, default_value = "")]
+        workload: String,
+        /// The workload's own ports (enables the inbound listener).
+        #[arg(long, value_delimiter = ',')]
+        app_ports: Vec<u16>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProviderKind {
+    File,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Where configuration comes from.
+    #[arg(long, value_enum, default_value = "file", env = "CAPSTAN_PROVIDER")]
+    provider: ProviderKind,
+    /// The directory of YAML the file provider reads and watches.
+    #[arg(long, env = "CAPSTAN_CONFIG_DIR")]
+    config_dir: Option<PathBuf>,
+    /// gRPC xDS address.
+    #[arg(long, default_value = "0.0.0.0:18000", env = "CAPSTAN_XDS_ADDR")]
+    xds_addr: SocketAddr,
+    /// /healthz, /readyz, /metrics address.
+    #[arg(long, default_value = "127.0.0.1:18001", env = "CAPSTAN_ADMIN_ADDR")]
+    admin_addr: SocketAddr,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text", env = "CAPSTAN_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Quiet time after a file change before the directory is re-read.
+    #[arg(long, default_value_t = 100, env = "CAPSTAN_DEBOUNCE_MS")]
+    debounce_ms: u64,
+}
+
+/// EX_USAGE: the command line or configuration is wrong.
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Crds { out_dir }) => crds(out_dir),
+        Some(Command::Translate {
+            config_dir,
+            node_id,
+            namespace,
+            workload,
+            app_ports,
+        }) => {
+            if !config_dir.is_dir() {
+                eprintln!("error: --config-dir {}: not a directory", config_dir.display());
+                return ExitCode::from(EX_USAGE);
+            }
+            let snapshot = provider::file::load_snapshot(&config_dir);
+            for d in &snapshot.diagnostics {
+                eprintln!("warning: {d}");
+            }
+            let namespace = namespace.or_else(|| node_id.split_once('.').map(|(_, ns)| ns.to_string()));
+            let node = translate::NodeInfo {
+                id: node_id,
+                workload,
+                namespace,
+                app_ports,
+            };
+            print!("{}", translate::render_yaml(&translate::translate(&snapshot, &node)));
+            ExitCode::SUCCESS
+        }
+        None => run(cli.run),
+    }
+}
+
+fn crds(out_dir: Option<PathBuf>) -> ExitCode {
+    for (file, yaml) in api::crd::manifests() {
+        match &out_dir {
+            Some(dir) => {
+                if let Err(e) = std::fs::write(dir.join(file), yaml) {
+                    eprintln!("error: writing {}: {e}", dir.join(file).display());
+                    return ExitCode::FAILURE;
+                }
+            }
+            None => print!("{yaml}"),
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match args.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+    let ProviderKind::File = args.provider;
+    let Some(config_dir) = args.config_dir else {
+        eprintln!("error: --provider file needs --config-dir DIR");
+        return ExitCode::from(EX_USAGE);
+    };
+    if !config_dir.is_dir() {
+        eprintln!("error: --config-dir {}: not a directory", config_dir.display());
+        return ExitCode::from(EX_USAGE);
+    }
+    let config = runtime::Config {
+        config_dir,
+        xds_addr: args.xds_addr,
+        admin_addr: args.admin_addr,
+        debounce: Duration::from_millis(args.debounce_ms),
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(runtime::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
     }
 }

@@ -23,6 +23,10 @@ impl Proc {
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+    /// The exit status, once it has exited.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -68,7 +68,7 @@ spec:
     - type: RequestHeaderModifier
       requestHeaderModifier:
         set: [{ name: x-set, value: by-route }]
-        add: [{ name: x-added, value: yes }]
+        add: [{ name: x-added, value: "yes" }]
         remove: [x-remove-me]
     - type: ResponseHeaderModifier
       responseHeaderModifier:

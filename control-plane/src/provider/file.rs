@@ -44,14 +44,20 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>, diagnostics: &mut Vec<Diagnost
     let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
     paths.sort();
     for path in paths {
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         // Editors' swap and backup files, and Kubernetes' ConfigMap-mount `..data` links.
         if name.starts_with('.') {
             continue;
         }
         if path.is_dir() {
             yaml_files(&path, out, diagnostics);
-        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
+        } else if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        ) {
             out.push(path);
         }
     }
@@ -107,7 +113,10 @@ fn load_file(file: &Path, previous: Option<&Loaded>, loaded: &mut Loaded) {
                     loaded.diagnostics.push(Diagnostic {
                         source,
                         object: Some(describe(&id)),
-                        message: format!("defined again (first in {}); this definition is ignored", other.display()),
+                        message: format!(
+                            "defined again (first in {}); this definition is ignored",
+                            other.display()
+                        ),
                     });
                     continue;
                 }
@@ -121,7 +130,11 @@ fn load_file(file: &Path, previous: Option<&Loaded>, loaded: &mut Loaded) {
                     let (obj, from) = previous?.objects.get(id)?;
                     Some((id.clone(), obj.clone(), from.clone()))
                 });
-                let suffix = if kept.is_some() { " (keeping its last valid version)" } else { "" };
+                let suffix = if kept.is_some() {
+                    " (keeping its last valid version)"
+                } else {
+                    ""
+                };
                 for m in &e.messages {
                     loaded.diagnostics.push(Diagnostic {
                         source: source.clone(),
@@ -143,7 +156,10 @@ fn keep_file(file: &Path, previous: Option<&Loaded>, loaded: &mut Loaded) {
     let Some(previous) = previous else { return };
     for (id, (obj, from)) in &previous.objects {
         if from == file {
-            loaded.objects.entry(id.clone()).or_insert((obj.clone(), from.clone()));
+            loaded
+                .objects
+                .entry(id.clone())
+                .or_insert((obj.clone(), from.clone()));
         }
     }
 }
@@ -201,6 +217,13 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Our own reads of the directory show up as access events: reacting to them would
+        // reload forever.
+        if let Ok(e) = &event
+            && matches!(e.kind, notify::EventKind::Access(_))
+        {
+            return;
+        }
         // The receiver only disappears at shutdown.
         let _ = tx.send(event);
     })?;
@@ -223,12 +246,7 @@ pub async fn run(
                     tracing::warn!("file watch error: {e}");
                 }
                 // Debounce: editors write a file in several steps; wait for quiet.
-                loop {
-                    match tokio::time::timeout(debounce, rx.recv()).await {
-                        Ok(Some(_)) => continue,
-                        Ok(None) | Err(_) => break,
-                    }
-                }
+                while let Ok(Some(_)) = tokio::time::timeout(debounce, rx.recv()).await {}
                 let next = load_dir(&dir, Some(&current));
                 report(&next);
                 let changed = next.objects.len() != current.objects.len()
@@ -263,7 +281,11 @@ mod tests {
     fn reads_nested_multi_document_files() {
         let dir = tempdir();
         write(&dir, "a.yaml", &format!("---\n{SVC}---\n{ROUTE}"));
-        write(&dir, "nested/deeper/b.yml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n");
+        write(
+            &dir,
+            "nested/deeper/b.yml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n",
+        );
         let s = load_snapshot(&dir);
         assert_eq!(s.services.len(), 1);
         assert_eq!(s.routes.len(), 1);
@@ -275,13 +297,24 @@ mod tests {
         let dir = tempdir();
         write(&dir, "r.yaml", &format!("{SVC}---\n{ROUTE}"));
         let first = load_dir(&dir, None);
-        write(&dir, "r.yaml", &format!("{SVC}---\n{}", ROUTE.replace("[{name: web}]", "[{name: web, port: 0}]")));
+        write(
+            &dir,
+            "r.yaml",
+            &format!(
+                "{SVC}---\n{}",
+                ROUTE.replace("[{name: web}]", "[{name: web, port: 0}]")
+            ),
+        );
         let second = load_dir(&dir, Some(&first));
         assert_eq!(second.objects.len(), 2, "route kept");
         let d = &second.diagnostics[0];
         assert!(d.source.ends_with("r.yaml#1"), "{d}");
         assert_eq!(d.object.as_deref(), Some("ServiceRoute shop/r"));
-        assert!(d.message.contains("spec.parentRefs[0].port") && d.message.contains("keeping its last valid version"), "{d}");
+        assert!(
+            d.message.contains("spec.parentRefs[0].port")
+                && d.message.contains("keeping its last valid version"),
+            "{d}"
+        );
     }
 
     #[test]
@@ -294,8 +327,17 @@ mod tests {
         write(&dir, "svc2.yaml", &SVC.replace("web", "api"));
         let second = load_dir(&dir, Some(&first));
         assert_eq!(second.objects.len(), 3);
-        assert!(second.diagnostics[0].message.starts_with("YAML syntax error"));
-        assert!(second.broken_files.iter().any(|f| f.ends_with("route.yaml")));
+        assert!(
+            second.diagnostics[0]
+                .message
+                .starts_with("YAML syntax error")
+        );
+        assert!(
+            second
+                .broken_files
+                .iter()
+                .any(|f| f.ends_with("route.yaml"))
+        );
     }
 
     fn tempdir() -> PathBuf {

@@ -78,9 +78,17 @@ pub fn decode(doc: serde_json::Value, default_namespace: &str) -> Result<Decoded
         messages: vec![m],
     };
     let serde_json::Value::Object(map) = &doc else {
-        return Err(err(None, "document is not a mapping (expected a Kubernetes object)".into()));
+        return Err(err(
+            None,
+            "document is not a mapping (expected a Kubernetes object)".into(),
+        ));
     };
-    let text = |f: &str| map.get(f).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+    let text = |f: &str| {
+        map.get(f)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
     let (api_version, kind_name) = (text("apiVersion"), text("kind"));
     if api_version.is_empty() || kind_name.is_empty() {
         return Err(err(None, "apiVersion and kind are required".into()));
@@ -91,7 +99,14 @@ pub fn decode(doc: serde_json::Value, default_namespace: &str) -> Result<Decoded
         ("v1", "Service") => Kind::Service,
         ("discovery.k8s.io/v1", "EndpointSlice") => Kind::EndpointSlice,
         (v, k @ ("ServiceRoute" | "ServicePolicy")) => {
-            return Err(err(None, format!("{k}: unsupported apiVersion {v:?} (expected {}/{})", api::GROUP, api::VERSION)));
+            return Err(err(
+                None,
+                format!(
+                    "{k}: unsupported apiVersion {v:?} (expected {}/{})",
+                    api::GROUP,
+                    api::VERSION
+                ),
+            ));
         }
         _ => {
             return Ok(Decoded::Skipped(Skipped {
@@ -101,7 +116,10 @@ pub fn decode(doc: serde_json::Value, default_namespace: &str) -> Result<Decoded
         }
     };
     let meta = map.get("metadata").and_then(|m| m.as_object());
-    let name = meta.and_then(|m| m.get("name")).and_then(|v| v.as_str()).unwrap_or_default();
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(|v| v.as_str())
+        .unwrap_or_default();
     let namespace = meta
         .and_then(|m| m.get("namespace"))
         .and_then(|v| v.as_str())
@@ -109,7 +127,10 @@ pub fn decode(doc: serde_json::Value, default_namespace: &str) -> Result<Decoded
         .unwrap_or(default_namespace)
         .to_string();
     if name.is_empty() {
-        return Err(err(None, format!("{}: metadata.name is required", kind.as_str())));
+        return Err(err(
+            None,
+            format!("{}: metadata.name is required", kind.as_str()),
+        ));
     }
     let key = ObjectKey::new(namespace.clone(), name);
     let object = Some((kind, key.clone()));
@@ -117,10 +138,16 @@ pub fn decode(doc: serde_json::Value, default_namespace: &str) -> Result<Decoded
     // change routing. Kubernetes' built-in kinds may carry fields newer than our client knows.
     let strict = matches!(kind, Kind::ServiceRoute | Kind::ServicePolicy);
     let mut decoded = match kind {
-        Kind::ServiceRoute => typed::<ServiceRoute>(doc, strict).map(|o| Object::Route(Box::new(o))),
-        Kind::ServicePolicy => typed::<ServicePolicy>(doc, strict).map(|o| Object::Policy(Box::new(o))),
+        Kind::ServiceRoute => {
+            typed::<ServiceRoute>(doc, strict).map(|o| Object::Route(Box::new(o)))
+        }
+        Kind::ServicePolicy => {
+            typed::<ServicePolicy>(doc, strict).map(|o| Object::Policy(Box::new(o)))
+        }
         Kind::Service => typed::<Service>(doc, strict).map(|o| Object::Service(Box::new(o))),
-        Kind::EndpointSlice => typed::<EndpointSlice>(doc, strict).map(|o| Object::EndpointSlice(Box::new(o))),
+        Kind::EndpointSlice => {
+            typed::<EndpointSlice>(doc, strict).map(|o| Object::EndpointSlice(Box::new(o)))
+        }
     }
     .map_err(|messages| DocError {
         object: object.clone(),
@@ -158,7 +185,10 @@ fn typed<T: DeserializeOwned>(doc: serde_json::Value, strict: bool) -> Result<T,
     let mut on_unknown = |path: serde_ignored::Path<'_>| {
         // `status` is written by the controller; a manifest copied from a cluster carries it.
         let p = bracket_indices(&path.to_string());
-        if !matches!(p.as_str(), "apiVersion" | "kind") && !p.starts_with("status") && !p.starts_with("metadata") {
+        if !matches!(p.as_str(), "apiVersion" | "kind")
+            && !p.starts_with("status")
+            && !p.starts_with("metadata")
+        {
             unknown.push(p);
         }
     };
@@ -210,7 +240,9 @@ mod tests {
             "default",
         )
         .expect("valid");
-        let Decoded::Object(key, Object::Route(r)) = d else { panic!("route expected") };
+        let Decoded::Object(key, Object::Route(r)) = d else {
+            panic!("route expected")
+        };
         assert_eq!(key, ObjectKey::new("default", "r"));
         assert_eq!(r.spec.rules.len(), 1, "rules default to one catch-all rule");
     }
@@ -222,8 +254,16 @@ mod tests {
             "default",
         )
         .expect_err("invalid");
-        assert_eq!(e.object, Some((Kind::ServiceRoute, ObjectKey::new("shop", "r"))));
-        assert!(e.messages[0].starts_with("spec.rules[0].matches[0].path.type: unknown variant `Bogus`"), "{:?}", e.messages);
+        assert_eq!(
+            e.object,
+            Some((Kind::ServiceRoute, ObjectKey::new("shop", "r")))
+        );
+        assert!(
+            e.messages[0]
+                .starts_with("spec.rules[0].matches[0].path.type: unknown variant `Bogus`"),
+            "{:?}",
+            e.messages
+        );
     }
 
     #[test]
@@ -233,12 +273,19 @@ mod tests {
             "default",
         )
         .expect_err("invalid");
-        assert_eq!(e.messages, vec!["spec.rules[0].backendRef: unknown field".to_string()]);
+        assert_eq!(
+            e.messages,
+            vec!["spec.rules[0].backendRef: unknown field".to_string()]
+        );
     }
 
     #[test]
     fn other_kinds_are_skipped() {
-        let d = decode(doc("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n"), "default").expect("ok");
+        let d = decode(
+            doc("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n"),
+            "default",
+        )
+        .expect("ok");
         assert!(matches!(d, Decoded::Skipped(_)));
     }
 }

@@ -3,6 +3,19 @@
 //!
 //! Knows nothing of CRDs: it asks a [`ResourceSource`] for the resources of a node and is told
 //! when they may have changed.
+//!
+//! Layout:
+//! * `server` — [`XdsServer`]: the tonic services and `serve`.
+//! * `stream` — the one stream engine all services share (node, snapshot, type scoping, push
+//!   order, ACK/NACK accounting); `sotw` and `delta` hold the two protocol variants and
+//!   document the `xds_protocol` rules they keep.
+//! * [`version`] — content-hash versions (stable across restarts) and nonces.
+//! * `stats` — [`XdsStats`] and its Prometheus rendering; `nacks` — [`NackLog`].
+//!
+//! This module must not: look at resource contents beyond hashing them, decide what a node
+//! receives (the [`ResourceSource`] does), or check snapshot consistency (every EDS name in
+//! CDS, every RDS name in LDS) — the source hands out consistent snapshots; the server sends
+//! each change in make-before-break order (CDS → EDS → LDS → RDS, removed clusters last).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,8 +24,21 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::protobuf::Any;
 use tokio::sync::watch;
 
+mod delta;
+mod nacks;
+mod server;
+mod sotw;
+mod stats;
+mod stream;
+pub mod version;
+
+pub use nacks::{MAX_NODES as NACK_LOG_MAX_NODES, NACKS_PER_NODE, NackLog, NackRecord};
+pub use server::{ServeError, XdsServer};
+pub use stats::XdsStats;
+
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
-pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const ENDPOINT_TYPE: &str =
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 

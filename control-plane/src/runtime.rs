@@ -1,0 +1,213 @@
+//! Wiring: provider → store → translator → xDS server, plus the admin endpoint and shutdown.
+//!
+//! [`TranslatedSource`] is the snapshot cache between the translator and the xDS server: it
+//! translates once per distinct node shape per store generation and shares the result (an
+//! `Arc`) between every node that receives identical resources.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::util::pack_any;
+use tokio::sync::watch;
+
+use crate::store::{Store, StoreSnapshot};
+use crate::translate::{self, NodeInfo, Translation};
+use crate::xds::{self, ResourceSource, Resources};
+
+/// What translation depends on besides the store: everything in the node but its id.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct NodeShape {
+    workload: String,
+    namespace: Option<String>,
+    app_ports: Vec<u16>,
+}
+
+#[derive(Default)]
+struct Cache {
+    generation: u64,
+    by_shape: HashMap<NodeShape, Arc<Resources>>,
+}
+
+/// The [`ResourceSource`] the xDS server reads: translations of the store's latest snapshot.
+pub struct TranslatedSource {
+    store: watch::Receiver<Arc<StoreSnapshot>>,
+    changes: watch::Receiver<u64>,
+    cache: Mutex<Cache>,
+    translations: std::sync::atomic::AtomicU64,
+}
+
+impl TranslatedSource {
+    /// Follows `store`; the returned task forwards store changes to xDS streams.
+    pub fn new(store: &Store) -> Arc<Self> {
+        let mut rx = store.subscribe();
+        let (tx, changes) = watch::channel(rx.borrow().generation);
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let generation = rx.borrow_and_update().generation;
+                if tx.send(generation).is_err() {
+                    return;
+                }
+            }
+        });
+        Arc::new(Self {
+            store: store.subscribe(),
+            changes,
+            cache: Mutex::new(Cache::default()),
+            translations: Default::default(),
+        })
+    }
+
+    /// How many translations ran (cache misses).
+    pub fn translations(&self) -> u64 {
+        self.translations.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Packs a translation into the xDS server's type-URL-keyed form.
+pub fn to_resources(t: &Translation) -> Resources {
+    let mut r = Resources::default();
+    let mut put = |type_url: &str, name: &str, any| {
+        r.by_type
+            .entry(type_url.to_string())
+            .or_default()
+            .insert(name.to_string(), any);
+    };
+    for c in &t.clusters {
+        put(xds::CLUSTER_TYPE, &c.name, pack_any(c.clone()));
+    }
+    for e in &t.endpoints {
+        put(xds::ENDPOINT_TYPE, &e.cluster_name, pack_any(e.clone()));
+    }
+    for l in &t.listeners {
+        put(xds::LISTENER_TYPE, &l.name, pack_any(l.clone()));
+    }
+    for rc in &t.routes {
+        put(xds::ROUTE_TYPE, &rc.name, pack_any(rc.clone()));
+    }
+    r
+}
+
+impl ResourceSource for TranslatedSource {
+    fn resources_for(&self, node: &Node) -> Arc<Resources> {
+        let info = NodeInfo::from_node(node);
+        let shape = NodeShape {
+            workload: info.workload.clone(),
+            namespace: info.namespace.clone(),
+            app_ports: info.app_ports.clone(),
+        };
+        let snapshot = self.store.borrow().clone();
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.generation != snapshot.generation {
+            cache.generation = snapshot.generation;
+            cache.by_shape.clear();
+        }
+        if let Some(r) = cache.by_shape.get(&shape) {
+            return r.clone();
+        }
+        self.translations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let resources = to_resources(&translate::translate(&snapshot, &info));
+        // Nodes of different shapes often receive identical resources (no inbound listener
+        // differences): share one copy.
+        let shared = cache
+            .by_shape
+            .values()
+            .find(|r| ***r == resources)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(resources));
+        cache.by_shape.insert(shape, shared.clone());
+        shared
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
+    }
+}
+
+/// Settings of a running control plane.
+pub struct Config {
+    pub config_dir: PathBuf,
+    pub xds_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub debounce: Duration,
+}
+
+struct Admin {
+    store: Store,
+    source: Arc<TranslatedSource>,
+    xds: Arc<xds::XdsStats>,
+}
+
+impl crate::admin::AdminState for Admin {
+    fn ready(&self) -> bool {
+        self.store.snapshot().synced
+    }
+    fn metrics(&self) -> String {
+        let snapshot = self.store.snapshot();
+        let mut out = self.xds.render_prometheus();
+        out.push_str(&format!(
+            "# HELP capstan_store_generation Generation of the configuration store.\n# TYPE capstan_store_generation gauge\ncapstan_store_generation {}\n\
+             # HELP capstan_config_diagnostics Problems found in the configuration input.\n# TYPE capstan_config_diagnostics gauge\ncapstan_config_diagnostics {}\n\
+             # HELP capstan_translations_total Translations run (snapshot cache misses).\n# TYPE capstan_translations_total counter\ncapstan_translations_total {}\n",
+            snapshot.generation,
+            snapshot.diagnostics.len(),
+            self.source.translations(),
+        ));
+        out
+    }
+}
+
+/// Runs the control plane with the file provider until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    if !config.config_dir.is_dir() {
+        anyhow::bail!("--config-dir {}: not a directory", config.config_dir.display());
+    }
+    let xds_listener = tokio::net::TcpListener::bind(config.xds_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind --xds-addr {}: {e}", config.xds_addr))?;
+    let admin_listener = crate::admin::bind(config.admin_addr).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let store = Store::new();
+    let source = TranslatedSource::new(&store);
+    let server = xds::XdsServer::new(source.clone());
+    let admin = Arc::new(Admin {
+        store: store.clone(),
+        source: source.clone(),
+        xds: server.stats(),
+    });
+    tracing::info!(xds = %config.xds_addr, admin = %config.admin_addr, dir = %config.config_dir.display(), "control plane starting");
+
+    let provider = tokio::spawn(crate::provider::file::run(
+        config.config_dir.clone(),
+        store.clone(),
+        config.debounce,
+        stopped(),
+    ));
+    let admin_task = tokio::spawn(crate::admin::serve(admin_listener, admin, stopped()));
+    let xds_task = tokio::spawn(server.serve(xds_listener, stopped()));
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = admin_task.await;
+    match xds_task.await {
+        Ok(Err(e)) => tracing::error!("xDS server: {e}"),
+        Err(e) => tracing::error!("xDS server task failed: {e}"),
+        Ok(Ok(())) => {}
+    }
+    match provider.await {
+        Ok(result) => result,
+        Err(e) => Err(anyhow::anyhow!("file provider task failed: {e}")),
+    }
+}
