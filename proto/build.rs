@@ -45,7 +45,10 @@ fn main() {
     let root = envoy_types_proto_dir();
     let includes: Vec<PathBuf> = INCLUDES.iter().map(|i| root.join(i)).collect();
     let fds = protox::compile(FILES, &includes).unwrap_or_else(|e| {
-        panic!("compiling envoy-types' .proto files from {}: {e}", root.display())
+        panic!(
+            "compiling envoy-types' .proto files from {}: {e}",
+            root.display()
+        )
     });
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     std::fs::write(
@@ -64,7 +67,8 @@ fn envoy_types_proto_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("ENVOY_TYPES_PROTO_DIR") {
         return PathBuf::from(dir);
     }
-    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest_dir =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let lock_path = manifest_dir.join("../Cargo.lock");
     println!("cargo:rerun-if-changed={}", lock_path.display());
     let lock = std::fs::read_to_string(&lock_path).expect("read the workspace Cargo.lock");
@@ -76,14 +80,22 @@ fn envoy_types_proto_dir() -> PathBuf {
         .expect("envoy-types is in Cargo.lock");
     let cargo_home = std::env::var("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").expect("HOME is set")).join(".cargo"));
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").expect("HOME is set")).join(".cargo")
+        });
     let src = cargo_home.join("registry/src");
     let wanted = format!("envoy-types-{version}");
-    for index in std::fs::read_dir(&src).expect("read cargo's registry/src").flatten() {
+    for index in std::fs::read_dir(&src)
+        .expect("read cargo's registry/src")
+        .flatten()
+    {
         let candidate: &Path = &index.path().join(&wanted).join("proto");
         if candidate.is_dir() {
             return candidate.to_path_buf();
         }
     }
-    panic!("could not find {wanted}/proto under {}; set ENVOY_TYPES_PROTO_DIR", src.display());
+    panic!(
+        "could not find {wanted}/proto under {}; set ENVOY_TYPES_PROTO_DIR",
+        src.display()
+    );
 }

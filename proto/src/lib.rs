@@ -12,11 +12,14 @@
 use std::sync::OnceLock;
 
 use prost::{Message, Name};
-use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, ReflectMessage, SerializeOptions};
+use prost_reflect::{
+    DescriptorPool, DeserializeOptions, DynamicMessage, ReflectMessage, SerializeOptions,
+};
 
 pub use envoy_types;
 
-static DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptor_set.bin"));
+static DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptor_set.bin"));
 
 /// Errors converting between envoy-types messages and their JSON/YAML form.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +93,10 @@ pub fn any_to_json(type_url: &str, value: &[u8]) -> Result<serde_json::Value, Er
     let mut json = dynamic_to_json(&msg)?;
     if let serde_json::Value::Object(map) = &mut json {
         let mut with_type = serde_json::Map::new();
-        with_type.insert("@type".into(), serde_json::Value::String(type_url.to_string()));
+        with_type.insert(
+            "@type".into(),
+            serde_json::Value::String(type_url.to_string()),
+        );
         with_type.extend(std::mem::take(map));
         *map = with_type;
     }
@@ -162,18 +168,27 @@ static_resources:
             .config_type
             .as_ref()
             .map(|c| match c {
-                envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(a) => a.clone(),
+                envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(
+                    a,
+                ) => a.clone(),
                 _ => panic!("typed config expected"),
             })
             .expect("config");
         let hcm = HttpConnectionManager::decode(any.value.as_slice()).expect("hcm");
         assert_eq!(hcm.stat_prefix, "out");
         let c: &Cluster = &b.static_resources.as_ref().expect("static").clusters[0];
-        assert_eq!(c.connect_timeout.as_ref().map(|d| d.nanos), Some(250_000_000));
-        let json = to_json(&b).expect("renders");
-        assert_eq!(json["static_resources"]["clusters"][0]["connect_timeout"], "0.250s");
         assert_eq!(
-            json["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["stat_prefix"],
+            c.connect_timeout.as_ref().map(|d| d.nanos),
+            Some(250_000_000)
+        );
+        let json = to_json(&b).expect("renders");
+        assert_eq!(
+            json["static_resources"]["clusters"][0]["connect_timeout"],
+            "0.250s"
+        );
+        assert_eq!(
+            json["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+                ["stat_prefix"],
             "out"
         );
     }

@@ -78,7 +78,10 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 impl StoreSnapshot {
     /// The EndpointSlices of one Service, in name order.
-    pub fn slices_for<'a>(&'a self, service: &'a ObjectKey) -> impl Iterator<Item = &'a EndpointSlice> + 'a {
+    pub fn slices_for<'a>(
+        &'a self,
+        service: &'a ObjectKey,
+    ) -> impl Iterator<Item = &'a EndpointSlice> + 'a {
         self.endpoint_slices
             .range(ObjectKey::new(service.namespace.clone(), String::new())..)
             .take_while(move |(k, _)| k.namespace == service.namespace)
