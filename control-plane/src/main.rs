@@ -93,21 +93,28 @@ fn main() -> ExitCode {
             app_ports,
         }) => {
             if !config_dir.is_dir() {
-                eprintln!("error: --config-dir {}: not a directory", config_dir.display());
+                eprintln!(
+                    "error: --config-dir {}: not a directory",
+                    config_dir.display()
+                );
                 return ExitCode::from(EX_USAGE);
             }
             let snapshot = provider::file::load_snapshot(&config_dir);
             for d in &snapshot.diagnostics {
                 eprintln!("warning: {d}");
             }
-            let namespace = namespace.or_else(|| node_id.split_once('.').map(|(_, ns)| ns.to_string()));
+            let namespace =
+                namespace.or_else(|| node_id.split_once('.').map(|(_, ns)| ns.to_string()));
             let node = translate::NodeInfo {
                 id: node_id,
                 workload,
                 namespace,
                 app_ports,
             };
-            print!("{}", translate::render_yaml(&translate::translate(&snapshot, &node)));
+            print!(
+                "{}",
+                translate::render_yaml(&translate::translate(&snapshot, &node))
+            );
             ExitCode::SUCCESS
         }
         None => run(cli.run),
@@ -143,7 +150,10 @@ fn run(args: RunArgs) -> ExitCode {
         return ExitCode::from(EX_USAGE);
     };
     if !config_dir.is_dir() {
-        eprintln!("error: --config-dir {}: not a directory", config_dir.display());
+        eprintln!(
+            "error: --config-dir {}: not a directory",
+            config_dir.display()
+        );
         return ExitCode::from(EX_USAGE);
     }
     let config = runtime::Config {

@@ -162,9 +162,15 @@ impl crate::admin::AdminState for Admin {
 }
 
 /// Runs the control plane with the file provider until `shutdown` resolves.
-pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     if !config.config_dir.is_dir() {
-        anyhow::bail!("--config-dir {}: not a directory", config.config_dir.display());
+        anyhow::bail!(
+            "--config-dir {}: not a directory",
+            config.config_dir.display()
+        );
     }
     let xds_listener = tokio::net::TcpListener::bind(config.xds_addr)
         .await

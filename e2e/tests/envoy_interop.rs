@@ -183,7 +183,9 @@ async fn scenario(mode: AdsMode) {
     eprintln!("{mode:?}: Envoy LIVE after {:?}", t0.elapsed());
 
     // Matches.
-    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+    /// Path, request headers, the backend that must answer.
+    type Case = (&'static str, &'static [(&'static str, &'static str)], &'static str);
+    let cases: &[Case] = &[
         ("/exact", &[], "reviews-v1"),
         ("/exact/more", &[], "reviews"),
         ("/v2", &[], "reviews-v2"),
