@@ -217,3 +217,90 @@ pub async fn run(
         Err(e) => Err(anyhow::anyhow!("file provider task failed: {e}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::parse::{Decoded, Object, decode};
+
+    fn node(id: &str, workload: &str, app_ports: &str) -> Node {
+        use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+        let mut fields = std::collections::HashMap::new();
+        if !app_ports.is_empty() {
+            fields.insert(
+                "APP_PORTS".to_string(),
+                Value {
+                    kind: Some(Kind::StringValue(app_ports.to_string())),
+                },
+            );
+        }
+        Node {
+            id: id.to_string(),
+            cluster: workload.to_string(),
+            metadata: Some(Struct { fields }),
+            ..Default::default()
+        }
+    }
+
+    fn add_service(store: &Store, name: &str) {
+        let doc = serde_saphyr::from_str(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  ports: [{{port: 80}}]\n"
+        ))
+        .expect("yaml");
+        let Ok(Decoded::Object(key, Object::Service(svc))) = decode(doc, "default") else {
+            panic!("service decodes");
+        };
+        store.update(|s| {
+            s.services.insert(key, *svc);
+            s.synced = true;
+        });
+    }
+
+    #[tokio::test]
+    async fn nodes_receiving_identical_resources_share_one_translation() {
+        let store = Store::new();
+        add_service(&store, "web");
+        let source = TranslatedSource::new(&store);
+        let a = source.resources_for(&node("a-0.default", "a", ""));
+        let b = source.resources_for(&node("b-0.default", "b", ""));
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "same resources must be one shared copy"
+        );
+        let again = source.resources_for(&node("a-1.default", "a", ""));
+        assert!(Arc::ptr_eq(&a, &again));
+        assert_eq!(
+            source.translations(),
+            2,
+            "one translation per node shape, none for a repeat"
+        );
+
+        let inbound = source.resources_for(&node("c-0.default", "c", "8080"));
+        assert!(
+            !Arc::ptr_eq(&a, &inbound),
+            "a node with app ports gets its inbound listener"
+        );
+        assert!(inbound.by_type[xds::LISTENER_TYPE].contains_key("inbound"));
+        assert!(!a.by_type[xds::LISTENER_TYPE].contains_key("inbound"));
+    }
+
+    #[tokio::test]
+    async fn a_store_change_is_signalled_and_retranslated() {
+        let store = Store::new();
+        add_service(&store, "web");
+        let source = TranslatedSource::new(&store);
+        let mut changes = source.changes();
+        let before = source.resources_for(&node("a-0.default", "a", ""));
+        add_service(&store, "api");
+        tokio::time::timeout(Duration::from_secs(5), changes.changed())
+            .await
+            .expect("change signalled in time")
+            .expect("sender alive");
+        let after = source.resources_for(&node("a-0.default", "a", ""));
+        assert_ne!(before, after);
+        assert!(
+            after.by_type[xds::CLUSTER_TYPE]
+                .contains_key("outbound|80||api.default.svc.cluster.local")
+        );
+    }
+}

@@ -322,3 +322,50 @@ fn envoy_accepts_every_case() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// DESIGN.md: a snapshot is only sent when consistent — every EDS cluster has its
+/// ClusterLoadAssignment and every RDS name a listener uses has its RouteConfiguration — so an
+/// Envoy never waits on a resource that will not come.
+#[test]
+fn every_case_is_a_consistent_snapshot() {
+    use capstan_proto::envoy_types::pb::envoy::config::cluster::v3::cluster::{
+        ClusterDiscoveryType, DiscoveryType,
+    };
+    for case in cases() {
+        let (_, t) = run(&case);
+        let name = case_name(&case);
+        let assignments: std::collections::BTreeSet<&str> = t
+            .endpoints
+            .iter()
+            .map(|e| e.cluster_name.as_str())
+            .collect();
+        for c in &t.clusters {
+            if c.cluster_discovery_type
+                == Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32))
+            {
+                let service = c
+                    .eds_cluster_config
+                    .as_ref()
+                    .map(|e| e.service_name.as_str())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or(&c.name);
+                assert!(
+                    assignments.contains(service),
+                    "{name}: EDS cluster {} has no assignment",
+                    c.name
+                );
+            }
+        }
+        let rendered = render_yaml(&t);
+        let route_names: std::collections::BTreeSet<&str> =
+            t.routes.iter().map(|r| r.name.as_str()).collect();
+        for line in rendered.lines() {
+            if let Some(rds) = line.trim().strip_prefix("route_config_name: ") {
+                assert!(
+                    route_names.contains(rds),
+                    "{name}: listener uses RDS {rds}, which is not served"
+                );
+            }
+        }
+    }
+}
