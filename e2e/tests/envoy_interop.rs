@@ -184,7 +184,11 @@ async fn scenario(mode: AdsMode) {
 
     // Matches.
     /// Path, request headers, the backend that must answer.
-    type Case = (&'static str, &'static [(&'static str, &'static str)], &'static str);
+    type Case = (
+        &'static str,
+        &'static [(&'static str, &'static str)],
+        &'static str,
+    );
     let cases: &[Case] = &[
         ("/exact", &[], "reviews-v1"),
         ("/exact/more", &[], "reviews"),
