@@ -1,0 +1,232 @@
+//! The command line (Envoy's flag names) and loading the bootstrap file.
+//!
+//! `capstan-proxy -c FILE` reads an Envoy bootstrap in YAML or JSON through the proto3 JSON
+//! mapping (unknown fields are errors), applies `--service-node` / `--service-cluster` as
+//! Envoy does, and translates it with [`crate::config::translate_bootstrap`]. Every error is
+//! returned before anything binds; `main` exits with [`EX_USAGE`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::bootstrap::v3 as pb;
+use envoy_types::pb::envoy::config::core::v3::Node;
+
+use crate::config::{self, ConfigError};
+use crate::server::Options;
+
+/// `EX_USAGE` from `sysexits.h`: the command line or configuration is wrong.
+pub const EX_USAGE: u8 = 64;
+
+/// The command line.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "capstan-proxy",
+    version,
+    about = "Capstan's Envoy-compatible sidecar proxy"
+)]
+pub struct Args {
+    /// Envoy bootstrap file (YAML or JSON).
+    #[arg(short = 'c', long = "config-path", value_name = "FILE")]
+    pub config_path: Option<PathBuf>,
+
+    /// Worker threads (default: the number of CPUs, as Envoy).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+
+    /// Seconds listeners keep accepting, telling clients to go away, after SIGTERM.
+    #[arg(long = "drain-time-s", default_value_t = 45, value_name = "SECONDS")]
+    pub drain_time_s: u64,
+
+    /// Seconds in-flight requests get to finish once listeners stop accepting.
+    #[arg(
+        long = "shutdown-grace-s",
+        default_value_t = 15,
+        value_name = "SECONDS"
+    )]
+    pub shutdown_grace_s: u64,
+
+    /// trace, debug, info, warning, error, critical or off.
+    #[arg(short = 'l', long = "log-level", default_value = "info")]
+    pub log_level: String,
+
+    /// Overrides `node.id`.
+    #[arg(long = "service-node")]
+    pub service_node: Option<String>,
+
+    /// Overrides `node.cluster`.
+    #[arg(long = "service-cluster")]
+    pub service_cluster: Option<String>,
+
+    /// Address of the readiness-only listener (serves `/ready`).
+    #[arg(long = "readiness-address", default_value = "0.0.0.0:15021")]
+    pub readiness_address: SocketAddr,
+}
+
+impl Args {
+    pub fn concurrency(&self) -> usize {
+        self.concurrency
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1)
+    }
+
+    pub fn options(&self) -> Options {
+        Options {
+            concurrency: self.concurrency(),
+            drain_time: Duration::from_secs(self.drain_time_s),
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_s),
+            readiness_address: self.readiness_address,
+            config_path: self
+                .config_path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            log_level: self.log_level.clone(),
+        }
+    }
+
+    /// The `tracing` filter for `--log-level` (Envoy's level names).
+    pub fn tracing_level(&self) -> Result<&'static str, String> {
+        match self.log_level.as_str() {
+            "trace" => Ok("trace"),
+            "debug" => Ok("debug"),
+            "info" => Ok("info"),
+            "warning" | "warn" => Ok("warn"),
+            "error" | "critical" => Ok("error"),
+            "off" => Ok("off"),
+            other => Err(format!(
+                "--log-level: unknown level {other:?} (trace, debug, info, warning, error, critical, off)"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("no configuration: pass -c FILE")]
+    NoConfig,
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid bootstrap {path}: {reason}")]
+    Parse { path: String, reason: String },
+    #[error("invalid bootstrap {path}:\n{}", indent(.errors))]
+    Invalid { path: String, errors: ConfigError },
+}
+
+fn indent(e: &ConfigError) -> String {
+    e.errors
+        .iter()
+        .map(|e| format!("  {e}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Reads, parses and translates the bootstrap named on the command line.
+pub fn load(args: &Args) -> Result<config::Bootstrap, BootstrapError> {
+    let path = args.config_path.as_ref().ok_or(BootstrapError::NoConfig)?;
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| BootstrapError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    from_text(&text, args, &shown)
+}
+
+/// Parses and translates bootstrap text (YAML or JSON).
+pub fn from_text(
+    text: &str,
+    args: &Args,
+    shown: &str,
+) -> Result<config::Bootstrap, BootstrapError> {
+    let mut bootstrap: pb::Bootstrap =
+        capstan_proto::from_yaml(text).map_err(|e| BootstrapError::Parse {
+            path: shown.to_string(),
+            reason: e.to_string(),
+        })?;
+    apply_node_flags(&mut bootstrap, args);
+    config::translate_bootstrap(&bootstrap).map_err(|errors| BootstrapError::Invalid {
+        path: shown.to_string(),
+        errors,
+    })
+}
+
+/// `--service-node` and `--service-cluster` override the bootstrap's node, as in Envoy.
+fn apply_node_flags(b: &mut pb::Bootstrap, args: &Args) {
+    if args.service_node.is_none() && args.service_cluster.is_none() {
+        return;
+    }
+    let node = b.node.get_or_insert_with(Node::default);
+    if let Some(id) = &args.service_node {
+        node.id = id.clone();
+    }
+    if let Some(cluster) = &args.service_cluster {
+        node.cluster = cluster.clone();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut argv = vec!["capstan-proxy"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).expect("valid arguments")
+    }
+
+    #[test]
+    fn defaults_are_sidecar_sized() {
+        let a = args(&[]);
+        assert_eq!(a.drain_time_s, 45);
+        assert_eq!(a.readiness_address.to_string(), "0.0.0.0:15021");
+        assert_eq!(a.tracing_level(), Ok("info"));
+        assert!(a.concurrency() >= 1);
+    }
+
+    #[test]
+    fn node_flags_override_the_bootstrap() {
+        let a = args(&["--service-node", "web-0.shop", "--service-cluster", "web"]);
+        let b = from_text("node: { id: old, cluster: old }\n", &a, "b.yaml").expect("valid");
+        assert_eq!(b.node.id, "web-0.shop");
+        assert_eq!(b.node.cluster, "web");
+        assert_eq!(
+            b.source.node.as_ref().map(|n| n.id.as_str()),
+            Some("web-0.shop")
+        );
+    }
+
+    #[test]
+    fn every_error_is_listed_under_the_file_name() {
+        let err = from_text(
+            "static_resources:\n  clusters:\n  - { name: a, type: ORIGINAL_DST }\n  - { name: b, connect_timeout: 0s }\n",
+            &args(&[]),
+            "b.yaml",
+        )
+        .expect_err("invalid");
+        assert_eq!(
+            err.to_string(),
+            "invalid bootstrap b.yaml:\n  static_resources.clusters[0].type: unsupported value ORIGINAL_DST (supported: STATIC, STRICT_DNS, LOGICAL_DNS, EDS)\n  static_resources.clusters[1].connect_timeout: must be a positive duration"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_parse_errors_naming_the_field() {
+        let err = from_text("static_resources: { clustrs: [] }\n", &args(&[]), "b.yaml")
+            .expect_err("invalid");
+        assert!(err.to_string().contains("clustrs"), "{err}");
+    }
+
+    #[test]
+    fn envoy_log_levels_are_accepted() {
+        assert_eq!(args(&["-l", "warning"]).tracing_level(), Ok("warn"));
+        assert_eq!(
+            args(&["--log-level", "critical"]).tracing_level(),
+            Ok("error")
+        );
+        assert!(args(&["-l", "loud"]).tracing_level().is_err());
+    }
+}

@@ -1,0 +1,612 @@
+//! The cluster manager: every upstream cluster, its hosts, load balancer and connection pools.
+//!
+//! Clusters live in an immutable map swapped atomically ([`arc_swap`]), and each cluster's
+//! membership is an immutable [`HostSet`] swapped the same way, so the request path
+//! ([`ClusterManager::get`], [`Cluster::choose_host`]) takes no lock. Writers (static
+//! clusters today, CDS/EDS later) build a new snapshot and swap it in.
+//!
+//! Initialization follows Envoy: each cluster registers an init target in the phase its type
+//! belongs to — STATIC, STRICT_DNS and LOGICAL_DNS in the primary phase (DNS resolved once),
+//! EDS in the secondary phase (first assignment or `initial_fetch_timeout`) — plus one target in
+//! the health-check phase (ready at once: active health checking is not implemented yet).
+//! This module must not know about listeners or HTTP routing.
+
+pub mod dns;
+pub mod host;
+pub mod lb;
+pub mod pool;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+
+use arc_swap::ArcSwap;
+
+use crate::config::cluster::{self as model, Discovery, EndpointAddress, HealthStatus, Locality};
+use crate::init;
+use crate::stats::{CodeStats, Counter, Gauge, Sample, Scope, Source, Store};
+use host::{Host, HostSet};
+use lb::LoadBalancer;
+use pool::PoolSettings;
+
+/// Envoy's `cluster.<name>.*` stats for what the proxy implements.
+#[derive(Debug)]
+pub struct ClusterStats {
+    pub upstream_rq_total: Counter,
+    pub upstream_rq: CodeStats,
+    pub upstream_rq_active: Gauge,
+    pub upstream_rq_timeout: Counter,
+    pub upstream_cx_total: Counter,
+    pub upstream_cx_active: Gauge,
+    pub upstream_cx_connect_fail: Counter,
+    pub upstream_cx_connect_timeout: Counter,
+    pub upstream_cx_http1_total: Counter,
+    pub upstream_cx_http2_total: Counter,
+    pub upstream_cx_none_healthy: Counter,
+    pub lb_healthy_panic: Counter,
+    pub update_attempt: Counter,
+    pub update_success: Counter,
+    pub update_failure: Counter,
+}
+
+impl Default for ClusterStats {
+    fn default() -> Self {
+        Self {
+            upstream_rq_total: Counter::default(),
+            upstream_rq: CodeStats::new(true),
+            upstream_rq_active: Gauge::default(),
+            upstream_rq_timeout: Counter::default(),
+            upstream_cx_total: Counter::default(),
+            upstream_cx_active: Gauge::default(),
+            upstream_cx_connect_fail: Counter::default(),
+            upstream_cx_connect_timeout: Counter::default(),
+            upstream_cx_http1_total: Counter::default(),
+            upstream_cx_http2_total: Counter::default(),
+            upstream_cx_none_healthy: Counter::default(),
+            lb_healthy_panic: Counter::default(),
+            update_attempt: Counter::default(),
+            update_success: Counter::default(),
+            update_failure: Counter::default(),
+        }
+    }
+}
+
+impl AsRef<Gauge> for Arc<ClusterStats> {
+    fn as_ref(&self) -> &Gauge {
+        &self.upstream_rq_active
+    }
+}
+
+/// One endpoint after name resolution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedEndpoint {
+    pub address: SocketAddr,
+    pub hostname: String,
+    pub locality: Locality,
+    pub health: HealthStatus,
+}
+
+/// A running cluster.
+pub struct Cluster {
+    config: Arc<model::Cluster>,
+    hosts: ArcSwap<HostSet>,
+    lb: LoadBalancer,
+    stats: Arc<ClusterStats>,
+    settings: PoolSettings,
+    added_via_api: bool,
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("name", &self.config.name)
+            .field("discovery", &self.config.discovery)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for t in lock(&self.tasks).drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Cluster {
+    pub fn new(config: Arc<model::Cluster>, added_via_api: bool) -> Arc<Self> {
+        let settings = PoolSettings {
+            protocol: config.protocol,
+            connect_timeout: config.connect_timeout,
+        };
+        let cluster = Arc::new(Self {
+            lb: LoadBalancer::new(config.lb_policy),
+            hosts: ArcSwap::from_pointee(HostSet::default()),
+            stats: Arc::new(ClusterStats::default()),
+            settings,
+            added_via_api,
+            tasks: Mutex::new(Vec::new()),
+            config,
+        });
+        if cluster.config.discovery == Discovery::Static {
+            let endpoints: Vec<ResolvedEndpoint> = cluster
+                .config
+                .endpoints
+                .iter()
+                .filter_map(|e| match &e.address {
+                    EndpointAddress::Ip(a) => Some(ResolvedEndpoint {
+                        address: *a,
+                        hostname: e.hostname.clone(),
+                        locality: e.locality.clone(),
+                        health: e.health,
+                    }),
+                    EndpointAddress::Dns { .. } => None,
+                })
+                .collect();
+            cluster.update_hosts(&endpoints);
+        }
+        cluster
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn config(&self) -> &Arc<model::Cluster> {
+        &self.config
+    }
+
+    pub fn stats(&self) -> &Arc<ClusterStats> {
+        &self.stats
+    }
+
+    pub fn added_via_api(&self) -> bool {
+        self.added_via_api
+    }
+
+    /// The current membership snapshot.
+    pub fn host_set(&self) -> Arc<HostSet> {
+        self.hosts.load_full()
+    }
+
+    /// Picks a host for one request; `None` means "no healthy upstream".
+    pub fn choose_host(&self) -> Option<Arc<Host>> {
+        let set = self.hosts.load();
+        let (candidates, panic) = set.routable();
+        if panic {
+            self.stats.lb_healthy_panic.inc();
+        }
+        match self.lb.choose(candidates) {
+            Some(h) => Some(h.clone()),
+            None => {
+                self.stats.upstream_cx_none_healthy.inc();
+                None
+            }
+        }
+    }
+
+    /// Replaces the membership, keeping the `Host` (and its connections) of every address
+    /// that stays.
+    pub fn update_hosts(&self, endpoints: &[ResolvedEndpoint]) {
+        let current = self.hosts.load();
+        let by_address: HashMap<SocketAddr, &Arc<Host>> =
+            current.hosts.iter().map(|h| (h.address, h)).collect();
+        let mut hosts = Vec::with_capacity(endpoints.len());
+        let mut seen = std::collections::HashSet::new();
+        for e in endpoints {
+            if !seen.insert(e.address) {
+                continue;
+            }
+            match by_address.get(&e.address) {
+                Some(h) => {
+                    h.set_health(e.health);
+                    hosts.push(Arc::clone(h));
+                }
+                None => hosts.push(Arc::new(Host::new(
+                    e.address,
+                    e.hostname.clone(),
+                    e.locality.clone(),
+                    e.health,
+                    self.settings,
+                    self.stats.clone(),
+                ))),
+            }
+        }
+        self.hosts.store(Arc::new(HostSet::new(hosts)));
+    }
+
+    /// Starts this cluster's initialization; `ready` is reported once it has its first hosts
+    /// (or gave up waiting for them, as Envoy does).
+    fn initialize(self: &Arc<Self>, ready: init::TargetHandle) {
+        match &self.config.discovery {
+            Discovery::Static => ready.ready(),
+            Discovery::StrictDns | Discovery::LogicalDns => {
+                let task = tokio::spawn(dns_refresh(Arc::downgrade(self), ready));
+                lock(&self.tasks).push(task.abort_handle());
+            }
+            Discovery::Eds {
+                service_name,
+                initial_fetch_timeout,
+            } => {
+                let name = self.config.name.clone();
+                let service = if service_name.is_empty() {
+                    name.clone()
+                } else {
+                    service_name.clone()
+                };
+                let timeout = *initial_fetch_timeout;
+                let task = tokio::spawn(async move {
+                    // No xDS client yet: nothing will ever answer, so the wait ends on
+                    // `initial_fetch_timeout` and the cluster initializes without hosts.
+                    tracing::warn!(cluster = %name, eds_service = %service, ?timeout,
+                        "EDS cluster has no xDS source yet; waiting for initial_fetch_timeout");
+                    let outcome =
+                        init::initial_fetch(std::future::pending::<Result<(), String>>(), timeout)
+                            .await;
+                    tracing::info!(cluster = %name, ?outcome, "EDS cluster initialized");
+                    ready.ready();
+                });
+                lock(&self.tasks).push(task.abort_handle());
+            }
+        }
+    }
+}
+
+/// Resolves a DNS cluster's names now and every `dns_refresh_rate`. The first pass, success
+/// or not, ends the cluster's initialization; a failed name keeps its previous addresses.
+async fn dns_refresh(cluster: Weak<Cluster>, ready: init::TargetHandle) {
+    let mut ready = Some(ready);
+    let mut last: Vec<Vec<SocketAddr>> = Vec::new();
+    loop {
+        let Some(c) = cluster.upgrade() else { return };
+        let refresh = c.config.dns_refresh_rate;
+        let family = c.config.dns_lookup_family;
+        let logical = c.config.discovery == Discovery::LogicalDns;
+        let endpoints = c.config.endpoints.clone();
+        last.resize(endpoints.len(), Vec::new());
+        let mut all_ok = true;
+        let mut resolved = Vec::new();
+        for (i, e) in endpoints.iter().enumerate() {
+            c.stats.update_attempt.inc();
+            let addrs = match &e.address {
+                EndpointAddress::Ip(a) => Ok(vec![*a]),
+                EndpointAddress::Dns { host, port } => dns::resolve(host, *port, family).await,
+            };
+            match addrs {
+                Ok(mut a) => {
+                    c.stats.update_success.inc();
+                    if logical {
+                        // LOGICAL_DNS: one logical host, the first address of the answer.
+                        a.truncate(1);
+                    }
+                    last[i] = a;
+                }
+                Err(err) => {
+                    all_ok = false;
+                    c.stats.update_failure.inc();
+                    tracing::warn!(cluster = %c.config.name, error = %err, "DNS resolution failed");
+                }
+            }
+            resolved.extend(last[i].iter().map(|a| ResolvedEndpoint {
+                address: *a,
+                hostname: e.hostname.clone(),
+                locality: e.locality.clone(),
+                health: e.health,
+            }));
+        }
+        c.update_hosts(&resolved);
+        tracing::debug!(cluster = %c.config.name, hosts = resolved.len(), all_ok, "DNS refresh");
+        if let Some(r) = ready.take() {
+            r.ready();
+        }
+        drop(c);
+        tokio::time::sleep(refresh).await;
+    }
+}
+
+impl Source for Cluster {
+    fn collect(&self, out: &mut Vec<Sample>) {
+        let s = &self.stats;
+        let scope = Scope::tagged("cluster", "envoy_cluster_name", &self.config.name);
+        scope.counter("upstream_rq_total", s.upstream_rq_total.get(), out);
+        s.upstream_rq.collect(&scope, "upstream_rq", out);
+        scope.gauge("upstream_rq_active", s.upstream_rq_active.get(), out);
+        scope.counter("upstream_rq_timeout", s.upstream_rq_timeout.get(), out);
+        scope.counter("upstream_cx_total", s.upstream_cx_total.get(), out);
+        scope.gauge("upstream_cx_active", s.upstream_cx_active.get(), out);
+        scope.counter(
+            "upstream_cx_connect_fail",
+            s.upstream_cx_connect_fail.get(),
+            out,
+        );
+        scope.counter(
+            "upstream_cx_connect_timeout",
+            s.upstream_cx_connect_timeout.get(),
+            out,
+        );
+        scope.counter(
+            "upstream_cx_http1_total",
+            s.upstream_cx_http1_total.get(),
+            out,
+        );
+        scope.counter(
+            "upstream_cx_http2_total",
+            s.upstream_cx_http2_total.get(),
+            out,
+        );
+        scope.counter(
+            "upstream_cx_none_healthy",
+            s.upstream_cx_none_healthy.get(),
+            out,
+        );
+        scope.counter("lb_healthy_panic", s.lb_healthy_panic.get(), out);
+        if self.config.discovery != Discovery::Static {
+            scope.counter("update_attempt", s.update_attempt.get(), out);
+            scope.counter("update_success", s.update_success.get(), out);
+            scope.counter("update_failure", s.update_failure.get(), out);
+        }
+        let set = self.hosts.load();
+        scope.gauge("membership_total", set.hosts.len() as i64, out);
+        scope.gauge("membership_healthy", set.healthy.len() as i64, out);
+    }
+}
+
+/// The init managers of the cluster manager's phases.
+#[derive(Debug, Clone)]
+pub struct InitPhases {
+    pub primary: init::Manager,
+    pub secondary: init::Manager,
+    pub health_check: init::Manager,
+}
+
+impl Default for InitPhases {
+    fn default() -> Self {
+        Self {
+            primary: init::Manager::new("cluster_manager primary"),
+            secondary: init::Manager::new("cluster_manager secondary"),
+            health_check: init::Manager::new("cluster_manager health check round"),
+        }
+    }
+}
+
+/// Every cluster, by name.
+pub struct ClusterManager {
+    clusters: ArcSwap<HashMap<String, Arc<Cluster>>>,
+    /// Serializes writers; readers never take it.
+    update: Mutex<()>,
+    store: Arc<Store>,
+    cluster_added: Counter,
+}
+
+impl std::fmt::Debug for ClusterManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self.clusters.load().keys().cloned().collect();
+        f.debug_struct("ClusterManager")
+            .field("clusters", &names)
+            .finish()
+    }
+}
+
+impl ClusterManager {
+    pub fn new(store: Arc<Store>) -> Arc<Self> {
+        let cm = Arc::new(Self {
+            clusters: ArcSwap::from_pointee(HashMap::new()),
+            update: Mutex::new(()),
+            store: store.clone(),
+            cluster_added: Counter::default(),
+        });
+        let weak: Weak<dyn Source> = Arc::downgrade(&cm) as Weak<dyn Source>;
+        store.register_weak(weak);
+        cm
+    }
+
+    /// Adds the bootstrap's clusters and registers their init targets in `phases`.
+    pub fn add_static_clusters(
+        &self,
+        configs: &[model::Cluster],
+        phases: &InitPhases,
+    ) -> Result<(), init::Error> {
+        let _writer = lock(&self.update);
+        let mut next = HashMap::clone(&self.clusters.load());
+        for config in configs {
+            let cluster = Cluster::new(Arc::new(config.clone()), false);
+            let weak: Weak<dyn Source> = Arc::downgrade(&cluster) as Weak<dyn Source>;
+            self.store.register_weak(weak);
+            let phase = if config.discovery.is_primary() {
+                &phases.primary
+            } else {
+                &phases.secondary
+            };
+            let c = cluster.clone();
+            phase.add_target(
+                format!("cluster {} ({})", config.name, config.discovery.name()),
+                move |h| c.initialize(h),
+            )?;
+            // No cluster has active health checks yet, so its round is over at once; this is
+            // where the health checker will hold initialization.
+            phases.health_check.add_target(
+                format!("cluster {} health check round", config.name),
+                init::TargetHandle::ready,
+            )?;
+            self.cluster_added.inc();
+            next.insert(config.name.clone(), cluster);
+        }
+        self.clusters.store(Arc::new(next));
+        Ok(())
+    }
+
+    /// The cluster named `name`, as of now.
+    pub fn get(&self, name: &str) -> Option<Arc<Cluster>> {
+        self.clusters.load().get(name).cloned()
+    }
+
+    /// Every cluster, sorted by name.
+    pub fn clusters(&self) -> Vec<Arc<Cluster>> {
+        let mut v: Vec<Arc<Cluster>> = self.clusters.load().values().cloned().collect();
+        v.sort_by(|a, b| a.name().cmp(b.name()));
+        v
+    }
+}
+
+impl Source for ClusterManager {
+    fn collect(&self, out: &mut Vec<Sample>) {
+        let scope = Scope::fixed("cluster_manager");
+        scope.gauge("active_clusters", self.clusters.load().len() as i64, out);
+        scope.gauge("warming_clusters", 0, out);
+        scope.counter("cluster_added", self.cluster_added.get(), out);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::cluster::{Endpoint, UpstreamProtocol};
+    use std::time::Duration;
+
+    fn config(discovery: Discovery, endpoints: Vec<Endpoint>) -> model::Cluster {
+        model::Cluster {
+            name: "c".into(),
+            discovery,
+            connect_timeout: Duration::from_secs(1),
+            lb_policy: model::LbPolicy::RoundRobin,
+            protocol: UpstreamProtocol::Http1,
+            dns_lookup_family: model::DnsLookupFamily::V4Only,
+            dns_refresh_rate: Duration::from_millis(50),
+            endpoints,
+            source: Arc::default(),
+        }
+    }
+
+    fn endpoint(address: EndpointAddress) -> Endpoint {
+        Endpoint {
+            address,
+            hostname: String::new(),
+            health: HealthStatus::Unknown,
+            locality: Locality::default(),
+        }
+    }
+
+    #[test]
+    fn round_robin_over_static_hosts() {
+        let c = Cluster::new(
+            Arc::new(config(
+                Discovery::Static,
+                vec![
+                    endpoint(EndpointAddress::Ip("10.0.0.1:80".parse().expect("addr"))),
+                    endpoint(EndpointAddress::Ip("10.0.0.2:80".parse().expect("addr"))),
+                ],
+            )),
+            false,
+        );
+        let picks: Vec<SocketAddr> = (0..4)
+            .filter_map(|_| c.choose_host().map(|h| h.address))
+            .collect();
+        assert_eq!(picks.len(), 4);
+        assert_ne!(picks[0], picks[1]);
+        assert_eq!(picks[0], picks[2]);
+    }
+
+    #[test]
+    fn an_empty_cluster_has_no_healthy_upstream() {
+        let c = Cluster::new(Arc::new(config(Discovery::Static, vec![])), false);
+        assert!(c.choose_host().is_none());
+        assert_eq!(c.stats().upstream_cx_none_healthy.get(), 1);
+    }
+
+    #[test]
+    fn membership_updates_keep_existing_hosts() {
+        let c = Cluster::new(Arc::new(config(Discovery::Static, vec![])), false);
+        let ep = |a: &str| ResolvedEndpoint {
+            address: a.parse().expect("addr"),
+            hostname: String::new(),
+            locality: Locality::default(),
+            health: HealthStatus::Healthy,
+        };
+        c.update_hosts(&[ep("10.0.0.1:80"), ep("10.0.0.2:80")]);
+        let before = c.host_set().hosts[1].clone();
+        c.update_hosts(&[ep("10.0.0.2:80"), ep("10.0.0.3:80")]);
+        let after = c.host_set();
+        assert_eq!(after.hosts.len(), 2);
+        assert!(
+            Arc::ptr_eq(&before, &after.hosts[0]),
+            "10.0.0.2 kept its Host"
+        );
+    }
+
+    #[tokio::test]
+    async fn strict_dns_initializes_after_the_first_resolution() {
+        let phases = InitPhases::default();
+        let cm = ClusterManager::new(Store::new());
+        cm.add_static_clusters(
+            &[config(
+                Discovery::StrictDns,
+                vec![endpoint(EndpointAddress::Dns {
+                    host: "localhost".into(),
+                    port: 8080,
+                })],
+            )],
+            &phases,
+        )
+        .expect("added");
+        assert!(cm.get("c").expect("cluster").host_set().hosts.is_empty());
+        phases.primary.initialize().wait().await;
+        let hosts = cm.get("c").expect("cluster").host_set();
+        assert!(!hosts.hosts.is_empty());
+        assert!(hosts.hosts.iter().all(|h| h.address.port() == 8080));
+        phases.secondary.initialize().wait().await;
+        phases.health_check.initialize().wait().await;
+    }
+
+    #[tokio::test]
+    async fn logical_dns_keeps_one_host_and_dns_clusters_refresh() {
+        let phases = InitPhases::default();
+        let cm = ClusterManager::new(Store::new());
+        let mut logical = config(
+            Discovery::LogicalDns,
+            vec![endpoint(EndpointAddress::Dns {
+                host: "localhost".into(),
+                port: 9,
+            })],
+        );
+        logical.dns_lookup_family = model::DnsLookupFamily::All;
+        cm.add_static_clusters(&[logical], &phases).expect("added");
+        phases.primary.initialize().wait().await;
+        let c = cm.get("c").expect("cluster");
+        assert_eq!(c.host_set().hosts.len(), 1, "one logical host");
+        let first = c.stats().update_attempt.get();
+        assert_eq!(first, 1);
+        tokio::time::sleep(Duration::from_millis(180)).await;
+        assert!(
+            c.stats().update_attempt.get() >= 3,
+            "re-resolved every dns_refresh_rate (50ms)"
+        );
+        assert_eq!(c.host_set().hosts.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn eds_without_a_source_initializes_empty_after_initial_fetch_timeout() {
+        let phases = InitPhases::default();
+        let cm = ClusterManager::new(Store::new());
+        cm.add_static_clusters(
+            &[config(
+                Discovery::Eds {
+                    service_name: String::new(),
+                    initial_fetch_timeout: Some(Duration::from_secs(2)),
+                },
+                vec![],
+            )],
+            &phases,
+        )
+        .expect("added");
+        phases.primary.initialize().wait().await;
+        let start = tokio::time::Instant::now();
+        phases.secondary.initialize().wait().await;
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        assert!(cm.get("c").expect("cluster").choose_host().is_none());
+    }
+}

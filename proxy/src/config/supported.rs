@@ -1,0 +1,487 @@
+//! The supported subset of Envoy's configuration, as one table.
+//!
+//! Every message the proxy reads is walked by reflection (`prost-reflect`, through the
+//! descriptor pool of `capstan-proto`); any field that is set but not listed for its message
+//! type is reported as unsupported, with its path. This is default-deny: a message type missing
+//! from the table is itself an error, so a new nested message cannot slip through unchecked.
+//! Values (enum members, ranges, cross references) are checked by the typed translation in the
+//! sibling modules; this module only decides which *fields* may be present.
+//!
+//! It must not interpret values or build the configuration model.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use prost::{Message, Name};
+use prost_reflect::{DynamicMessage, MapKey, ReflectMessage, Value};
+
+use super::errors::{Errors, Path};
+
+/// Message types whose every field is accepted: well-known wrappers and informational messages
+/// that do not change how traffic flows.
+const OPEN: &[&str] = &[
+    "google.protobuf.Duration",
+    "google.protobuf.BoolValue",
+    "google.protobuf.UInt32Value",
+    "google.protobuf.UInt64Value",
+    "google.protobuf.Int64Value",
+    "google.protobuf.DoubleValue",
+    "google.protobuf.StringValue",
+    "google.protobuf.Struct",
+    "google.protobuf.Value",
+    "google.protobuf.ListValue",
+    "google.protobuf.Empty",
+    // Identity sent to the control plane; it does not change the data path.
+    "envoy.config.core.v3.Node",
+    "envoy.config.core.v3.Metadata",
+    "envoy.config.core.v3.Locality",
+];
+
+/// For each message type, the fields the proxy implements.
+const SUPPORTED: &[(&str, &[&str])] = &[
+    (
+        "envoy.config.bootstrap.v3.Bootstrap",
+        &["node", "static_resources", "admin"],
+    ),
+    (
+        "envoy.config.bootstrap.v3.Bootstrap.StaticResources",
+        &["listeners", "clusters"],
+    ),
+    ("envoy.config.bootstrap.v3.Admin", &["address"]),
+    ("envoy.config.core.v3.Address", &["socket_address"]),
+    (
+        "envoy.config.core.v3.SocketAddress",
+        &["protocol", "address", "port_value"],
+    ),
+    // Clusters.
+    (
+        "envoy.config.cluster.v3.Cluster",
+        &[
+            "name",
+            "type",
+            "connect_timeout",
+            "lb_policy",
+            "least_request_lb_config",
+            "load_assignment",
+            "dns_refresh_rate",
+            "dns_lookup_family",
+            "eds_cluster_config",
+            "typed_extension_protocol_options",
+            "metadata",
+        ],
+    ),
+    (
+        "envoy.config.cluster.v3.Cluster.EdsClusterConfig",
+        &["eds_config", "service_name"],
+    ),
+    (
+        "envoy.config.cluster.v3.Cluster.LeastRequestLbConfig",
+        &["choice_count"],
+    ),
+    (
+        "envoy.config.core.v3.ConfigSource",
+        &["ads", "initial_fetch_timeout", "resource_api_version"],
+    ),
+    ("envoy.config.core.v3.AggregatedConfigSource", &[]),
+    (
+        "envoy.config.endpoint.v3.ClusterLoadAssignment",
+        &["cluster_name", "endpoints"],
+    ),
+    (
+        "envoy.config.endpoint.v3.LocalityLbEndpoints",
+        &["locality", "lb_endpoints", "priority", "metadata"],
+    ),
+    (
+        "envoy.config.endpoint.v3.LbEndpoint",
+        &[
+            "endpoint",
+            "health_status",
+            "metadata",
+            "load_balancing_weight",
+        ],
+    ),
+    (
+        "envoy.config.endpoint.v3.Endpoint",
+        &["address", "hostname"],
+    ),
+    (
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        &["explicit_http_config"],
+    ),
+    (
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig",
+        &["http_protocol_options", "http2_protocol_options"],
+    ),
+    ("envoy.config.core.v3.Http1ProtocolOptions", &[]),
+    ("envoy.config.core.v3.Http2ProtocolOptions", &[]),
+    // Listeners and the HTTP connection manager.
+    (
+        "envoy.config.listener.v3.Listener",
+        &[
+            "name",
+            "address",
+            "filter_chains",
+            "stat_prefix",
+            "traffic_direction",
+            "metadata",
+        ],
+    ),
+    (
+        "envoy.config.listener.v3.FilterChain",
+        &["filters", "name", "metadata"],
+    ),
+    ("envoy.config.listener.v3.Filter", &["name", "typed_config"]),
+    (
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        &[
+            "codec_type",
+            "stat_prefix",
+            "route_config",
+            "http_filters",
+            "server_name",
+            "server_header_transformation",
+            "generate_request_id",
+            "strip_matching_host_port",
+            "strip_any_host_port",
+        ],
+    ),
+    (
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter",
+        &["name", "typed_config"],
+    ),
+    (
+        "envoy.extensions.filters.http.router.v3.Router",
+        &["suppress_envoy_headers"],
+    ),
+    // Routes.
+    (
+        "envoy.config.route.v3.RouteConfiguration",
+        &[
+            "name",
+            "virtual_hosts",
+            "request_headers_to_add",
+            "request_headers_to_remove",
+            "response_headers_to_add",
+            "response_headers_to_remove",
+            "validate_clusters",
+            "ignore_port_in_host_matching",
+            "max_direct_response_body_size_bytes",
+        ],
+    ),
+    (
+        "envoy.config.route.v3.VirtualHost",
+        &[
+            "name",
+            "domains",
+            "routes",
+            "request_headers_to_add",
+            "request_headers_to_remove",
+            "response_headers_to_add",
+            "response_headers_to_remove",
+            "metadata",
+        ],
+    ),
+    (
+        "envoy.config.route.v3.Route",
+        &[
+            "name",
+            "match",
+            "route",
+            "redirect",
+            "direct_response",
+            "request_headers_to_add",
+            "request_headers_to_remove",
+            "response_headers_to_add",
+            "response_headers_to_remove",
+            "metadata",
+        ],
+    ),
+    (
+        "envoy.config.route.v3.RouteMatch",
+        &[
+            "prefix",
+            "path",
+            "safe_regex",
+            "path_separated_prefix",
+            "case_sensitive",
+            "headers",
+            "query_parameters",
+            "grpc",
+        ],
+    ),
+    (
+        "envoy.config.route.v3.RouteMatch.GrpcRouteMatchOptions",
+        &[],
+    ),
+    (
+        "envoy.config.route.v3.HeaderMatcher",
+        &[
+            "name",
+            "exact_match",
+            "safe_regex_match",
+            "present_match",
+            "prefix_match",
+            "suffix_match",
+            "contains_match",
+            "string_match",
+            "invert_match",
+            "treat_missing_header_as_empty",
+        ],
+    ),
+    (
+        "envoy.config.route.v3.QueryParameterMatcher",
+        &["name", "string_match", "present_match"],
+    ),
+    (
+        "envoy.type.matcher.v3.StringMatcher",
+        &[
+            "exact",
+            "prefix",
+            "suffix",
+            "safe_regex",
+            "contains",
+            "ignore_case",
+        ],
+    ),
+    (
+        "envoy.type.matcher.v3.RegexMatcher",
+        &["regex", "google_re2"],
+    ),
+    ("envoy.type.matcher.v3.RegexMatcher.GoogleRE2", &[]),
+    (
+        "envoy.type.matcher.v3.RegexMatchAndSubstitute",
+        &["pattern", "substitution"],
+    ),
+    (
+        "envoy.config.route.v3.RouteAction",
+        &[
+            "cluster",
+            "weighted_clusters",
+            "cluster_not_found_response_code",
+            "prefix_rewrite",
+            "regex_rewrite",
+            "host_rewrite_literal",
+            "timeout",
+        ],
+    ),
+    (
+        "envoy.config.route.v3.WeightedCluster",
+        &["clusters", "total_weight"],
+    ),
+    (
+        "envoy.config.route.v3.WeightedCluster.ClusterWeight",
+        &[
+            "name",
+            "weight",
+            "request_headers_to_add",
+            "request_headers_to_remove",
+            "response_headers_to_add",
+            "response_headers_to_remove",
+            "host_rewrite_literal",
+        ],
+    ),
+    (
+        "envoy.config.route.v3.RedirectAction",
+        &[
+            "https_redirect",
+            "scheme_redirect",
+            "host_redirect",
+            "port_redirect",
+            "path_redirect",
+            "prefix_rewrite",
+            "regex_rewrite",
+            "response_code",
+            "strip_query",
+        ],
+    ),
+    (
+        "envoy.config.route.v3.DirectResponseAction",
+        &["status", "body"],
+    ),
+    (
+        "envoy.config.core.v3.DataSource",
+        &["inline_string", "inline_bytes"],
+    ),
+    (
+        "envoy.config.core.v3.HeaderValueOption",
+        &["header", "append", "append_action", "keep_empty_value"],
+    ),
+    (
+        "envoy.config.core.v3.HeaderValue",
+        &["key", "value", "raw_value"],
+    ),
+];
+
+/// Why a field users commonly set is not accepted yet, appended to the error.
+const HINTS: &[(&str, &str)] = &[
+    (
+        "dynamic_resources",
+        "xDS (ADS, CDS, LDS) is not implemented yet",
+    ),
+    (
+        "rds",
+        "RDS is not implemented yet; use an inline route_config",
+    ),
+    (
+        "health_checks",
+        "active health checking is not implemented yet",
+    ),
+    (
+        "outlier_detection",
+        "outlier detection is not implemented yet",
+    ),
+    (
+        "circuit_breakers",
+        "circuit breakers are not implemented yet",
+    ),
+    ("transport_socket", "TLS is not implemented yet"),
+    ("retry_policy", "retries are not implemented yet"),
+    (
+        "request_mirror_policies",
+        "request mirroring is not implemented yet",
+    ),
+    (
+        "upgrade_configs",
+        "upgrades (WebSocket) are not implemented yet",
+    ),
+    ("access_log", "access logs are not implemented yet"),
+    (
+        "filter_chain_match",
+        "filter chain matching is not implemented yet; use one filter chain",
+    ),
+    (
+        "listener_filters",
+        "listener filters are not implemented yet",
+    ),
+    (
+        "hash_policy",
+        "hash-based load balancing is not implemented yet",
+    ),
+];
+
+fn table() -> &'static HashMap<&'static str, &'static [&'static str]> {
+    static TABLE: OnceLock<HashMap<&'static str, &'static [&'static str]>> = OnceLock::new();
+    TABLE.get_or_init(|| SUPPORTED.iter().copied().collect())
+}
+
+/// Reports every field of `msg` (recursively) that the proxy does not implement.
+pub fn check<M: Message + Name>(msg: &M, path: &Path, errors: &mut Errors) {
+    match capstan_proto::to_dynamic(msg) {
+        Ok(dynamic) => walk(&dynamic, path, errors),
+        Err(e) => errors.push(path, format!("cannot inspect {}: {e}", M::full_name())),
+    }
+}
+
+fn walk(msg: &DynamicMessage, path: &Path, errors: &mut Errors) {
+    let descriptor = msg.descriptor();
+    let type_name = descriptor.full_name();
+    if OPEN.contains(&type_name) {
+        return;
+    }
+    if type_name == "google.protobuf.Any" {
+        return walk_any(msg, path, errors);
+    }
+    let Some(allowed) = table().get(type_name) else {
+        errors.push(path, format!("unsupported message {type_name}"));
+        return;
+    };
+    for (field, value) in msg.fields() {
+        let name = field.name();
+        let field_path = path.field(name);
+        if !allowed.contains(&name) {
+            let hint = HINTS
+                .iter()
+                .find(|(f, _)| *f == name)
+                .map(|(_, h)| format!(" ({h})"))
+                .unwrap_or_default();
+            errors.push(&field_path, format!("unsupported field{hint}"));
+            continue;
+        }
+        walk_value(value, &field_path, errors);
+    }
+}
+
+fn walk_value(value: &Value, path: &Path, errors: &mut Errors) {
+    match value {
+        Value::Message(m) => walk(m, path, errors),
+        Value::List(items) => {
+            for (i, item) in items.iter().enumerate() {
+                walk_value(item, &path.index(i), errors);
+            }
+        }
+        Value::Map(entries) => {
+            let mut entries: Vec<_> = entries.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            for (key, item) in entries {
+                let key = match key {
+                    MapKey::String(s) => s.clone(),
+                    other => format!("{other:?}"),
+                };
+                walk_value(item, &path.key(&key), errors);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// An `Any` is checked as the message it carries when that message type is in the table; an
+/// extension type the proxy does not know is reported by the typed translation, which names
+/// the extension (`unsupported filter type.googleapis.com/...`).
+fn walk_any(msg: &DynamicMessage, path: &Path, errors: &mut Errors) {
+    let type_url = match msg.get_field_by_name("type_url").as_deref() {
+        Some(Value::String(s)) => s.clone(),
+        _ => return,
+    };
+    let name = type_url.rsplit('/').next().unwrap_or(&type_url);
+    if !table().contains_key(name) {
+        return;
+    }
+    let bytes = match msg.get_field_by_name("value").as_deref() {
+        Some(Value::Bytes(b)) => b.clone(),
+        _ => Default::default(),
+    };
+    match capstan_proto::decode_dynamic(&type_url, &bytes) {
+        Ok(inner) => walk(&inner, path, errors),
+        Err(e) => errors.push(path, format!("cannot decode {type_url}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+
+    #[test]
+    fn every_table_entry_names_real_fields() {
+        let pool = capstan_proto::pool();
+        for (message, fields) in SUPPORTED {
+            let desc = pool
+                .get_message_by_name(message)
+                .unwrap_or_else(|| panic!("{message} is not in the descriptor pool"));
+            for f in *fields {
+                assert!(
+                    desc.get_field_by_name(f).is_some(),
+                    "{message} has no field {f}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn unsupported_fields_are_named_with_hints() {
+        let cluster: Cluster = capstan_proto::from_yaml(
+            "name: c\nconnect_timeout: 1s\nhealth_checks: [{timeout: 1s, interval: 1s}]\nper_connection_buffer_limit_bytes: 10\n",
+        )
+        .expect("parses");
+        let mut errors = Errors::new();
+        check(&cluster, &Path::new("cluster"), &mut errors);
+        let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            text,
+            vec![
+                "cluster.per_connection_buffer_limit_bytes: unsupported field".to_string(),
+                "cluster.health_checks: unsupported field (active health checking is not implemented yet)".to_string(),
+            ]
+        );
+    }
+}

@@ -1,0 +1,185 @@
+//! The downstream response body: either a local reply, or an upstream body streamed through.
+//!
+//! Streaming an upstream body also finishes the request's bookkeeping: the HTTP/1.1
+//! connection goes back to its pool once the body is complete (or closes if the body is
+//! abandoned), active-request gauges fall when the body is done, and the route timeout keeps
+//! running until the last byte — if it fires mid-body the stream is reset, as Envoy does.
+
+use std::future::Future as _;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::time::{Instant, Sleep};
+
+use std::sync::Arc;
+
+use super::HttpStats;
+use crate::cluster::ClusterStats;
+use crate::cluster::host::HostStats;
+use crate::cluster::pool::Http1Connection;
+use crate::stats::GaugeGuard;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The active-request gauges of one proxied request; they fall when the response is done.
+pub struct RequestGuards {
+    pub downstream: GaugeGuard<Arc<HttpStats>>,
+    pub cluster: GaugeGuard<Arc<ClusterStats>>,
+    pub host: GaugeGuard<Arc<HostStats>>,
+}
+
+impl RequestGuards {
+    fn on_timeout(&self) {
+        self.cluster.inner().upstream_rq_timeout.inc();
+        self.host.inner().rq_timeout.inc();
+    }
+}
+
+pub enum ResponseBody {
+    Empty,
+    Full(Option<Bytes>),
+    Upstream(Box<UpstreamBody>),
+}
+
+impl std::fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResponseBody::Empty => f.write_str("Empty"),
+            ResponseBody::Full(b) => write!(f, "Full({:?} bytes)", b.as_ref().map(Bytes::len)),
+            ResponseBody::Upstream(_) => f.write_str("Upstream"),
+        }
+    }
+}
+
+impl ResponseBody {
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        let b: Bytes = bytes.into();
+        if b.is_empty() {
+            ResponseBody::Empty
+        } else {
+            ResponseBody::Full(Some(b))
+        }
+    }
+}
+
+/// An upstream response body with its connection and deadline.
+pub struct UpstreamBody {
+    inner: Incoming,
+    connection: Option<Http1Connection>,
+    deadline: Option<Instant>,
+    timer: Option<Pin<Box<Sleep>>>,
+    guards: Option<RequestGuards>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("upstream request timeout while streaming the response body")]
+pub struct BodyTimeout;
+
+impl UpstreamBody {
+    pub fn new(
+        inner: Incoming,
+        connection: Option<Http1Connection>,
+        deadline: Option<Instant>,
+        guards: RequestGuards,
+    ) -> Self {
+        Self {
+            inner,
+            connection,
+            deadline,
+            timer: None,
+            guards: Some(guards),
+        }
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if let Some(c) = self.connection.take()
+            && complete
+        {
+            c.release();
+        }
+        self.guards = None;
+        self.deadline = None;
+        self.timer = None;
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // hyper may drop a body it knows is empty without polling it; the connection is still
+        // clean then.
+        let complete = self.inner.is_end_stream();
+        self.finish(complete);
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ResponseBody::Empty => Poll::Ready(None),
+            ResponseBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ResponseBody::Upstream(u) => u.poll_upstream(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Empty => true,
+            ResponseBody::Full(b) => b.is_none(),
+            ResponseBody::Upstream(u) => u.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Empty => SizeHint::with_exact(0),
+            ResponseBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ResponseBody::Upstream(u) => u.inner.size_hint(),
+        }
+    }
+}
+
+impl UpstreamBody {
+    fn poll_upstream(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(None) => {
+                self.finish(true);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(Some(Err(e))) => {
+                self.finish(false);
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Pending => {
+                let Some(deadline) = self.deadline else {
+                    return Poll::Pending;
+                };
+                // The timer is only armed once the body actually waits.
+                let timer = self
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        if let Some(g) = &self.guards {
+                            g.on_timeout();
+                        }
+                        self.finish(false);
+                        Poll::Ready(Some(Err(Box::new(BodyTimeout))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
