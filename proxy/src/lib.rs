@@ -1,15 +1,17 @@
 //! Capstan's sidecar proxy: an Envoy-compatible data plane.
 //!
-//! The proxy reads an Envoy bootstrap (and, in later milestones, xDS v3), translates the subset
-//! it implements into its own configuration model, and never accepts a connection before its
-//! configuration is complete — the initialization sequence of `DESIGN.md` is the heart of it.
+//! The proxy reads an Envoy bootstrap and xDS v3 (ADS: CDS, EDS, LDS, RDS), translates the
+//! subset it implements into its own configuration model, and never accepts a connection
+//! before its configuration is complete — the initialization sequence of `DESIGN.md` is the
+//! heart of it.
 //!
 //! ```text
-//!  bootstrap ─► config (translate + reject what we do not implement)
-//!                 │
+//!  bootstrap ─► config (translate + reject what we do not implement) ◄─ dynamic ◄─ xds (ADS)
+//!                 │                                     (CDS/EDS/LDS/RDS; NACK what config rejects)
 //!                 ▼
-//!  server ──► init: cluster manager primary ─► secondary (EDS) ─► health-check round
-//!                   ─► listeners warm ─► LIVE: listeners bind and accept
+//!  server ──► init: cluster manager primary ─► secondary (EDS) ─► CDS ─► its primary,
+//!                   secondary ─► health-check round ─► LDS ─► listeners warm (RDS)
+//!                   ─► LIVE: listeners bind and accept
 //!                 │
 //!  listener ─► http (connection manager, router) ─► cluster (host, load balancer, pool)
 //!  admin, stats: observe all of the above
@@ -25,6 +27,7 @@ pub mod admin;
 pub mod bootstrap;
 pub mod cluster;
 pub mod config;
+pub mod dynamic;
 pub mod http;
 pub mod init;
 pub mod listener;

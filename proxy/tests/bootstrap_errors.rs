@@ -109,3 +109,40 @@ fn unknown_fields_and_bad_flags_are_usage_errors() {
     assert!(stderr.contains("--log-level"), "{stderr}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn unsupported_config_sources_are_named_and_exit_64() {
+    let admin = free_port();
+    let dir = temp_dir("bad-dynamic");
+    let path = dir.join("bad.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }} }}
+dynamic_resources:
+  ads_config: {{ api_type: REST, grpc_services: [{{ envoy_grpc: {{ cluster_name: missing }} }}] }}
+  cds_config: {{ api_config_source: {{ api_type: GRPC }} }}
+  lds_config: {{ path_config_source: {{ path: /etc/lds.yaml }} }}
+"#
+        ),
+    )
+    .expect("write bootstrap");
+    let (code, stderr) = run(&["-c", path.to_str().expect("path")]);
+    assert_eq!(code, Some(64), "{stderr}");
+    for expected in [
+        "dynamic_resources.cds_config.api_config_source: unsupported field (only ADS config sources (ads: {}) are supported)",
+        "dynamic_resources.lds_config.path_config_source: unsupported field",
+        "dynamic_resources.ads_config.api_type: unsupported value REST (supported: GRPC, DELTA_GRPC)",
+        "dynamic_resources.ads_config.grpc_services[0].envoy_grpc.cluster_name: unknown cluster \"missing\"",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in\n{stderr}"
+        );
+    }
+    assert!(!accepts(admin).await, "nothing binds");
+    let (code, stderr) = run(&["--xds-address", "grpc://cp:18000", "--node-id", "a"]);
+    assert_eq!(code, Some(64), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -317,6 +317,17 @@ impl Admin {
     fn config_dump(&self) -> AdminResponse {
         let s = &self.server;
         let updated = Some(timestamp(s.loaded_at));
+        let now = Some(timestamp(SystemTime::now()));
+        let version = |type_url: &str| {
+            let versions = s
+                .xds()
+                .map(|c| c.resource_versions(type_url))
+                .unwrap_or_default();
+            move |name: &str| versions.get(name).cloned().unwrap_or_default()
+        };
+        let cluster_version = version(crate::xds::CLUSTER_TYPE);
+        let listener_version = version(crate::xds::LISTENER_TYPE);
+        let route_version = version(crate::xds::ROUTE_TYPE);
         let bootstrap = admin_pb::BootstrapConfigDump {
             bootstrap: Some((*s.bootstrap.source).clone()),
             last_updated: updated,
@@ -332,8 +343,77 @@ impl Admin {
                     last_updated: updated,
                 })
                 .collect(),
+            dynamic_active_clusters: s
+                .clusters
+                .clusters()
+                .iter()
+                .filter(|c| c.added_via_api())
+                .map(|c| admin_pb::clusters_config_dump::DynamicCluster {
+                    version_info: cluster_version(c.name()),
+                    cluster: Some(pack_any((*c.config().source).clone())),
+                    last_updated: now,
+                    ..Default::default()
+                })
+                .collect(),
+            dynamic_warming_clusters: s
+                .clusters
+                .warming_clusters()
+                .iter()
+                .map(|c| admin_pb::clusters_config_dump::DynamicCluster {
+                    version_info: cluster_version(c.name()),
+                    cluster: Some(pack_any((*c.config().source).clone())),
+                    last_updated: now,
+                    ..Default::default()
+                })
+                .collect(),
             ..Default::default()
         };
+        let mut dynamic_listeners: Vec<admin_pb::listeners_config_dump::DynamicListener> =
+            Vec::new();
+        let state = |l: &crate::listener::ActiveListener| {
+            Some(admin_pb::listeners_config_dump::DynamicListenerState {
+                version_info: listener_version(l.name()),
+                listener: Some(pack_any((*l.config().source).clone())),
+                last_updated: now,
+            })
+        };
+        for l in s.listeners.listeners().iter().filter(|l| l.added_via_api()) {
+            dynamic_listeners.push(admin_pb::listeners_config_dump::DynamicListener {
+                name: l.name().to_string(),
+                active_state: state(l),
+                ..Default::default()
+            });
+        }
+        for l in s
+            .listeners
+            .warming_listeners()
+            .iter()
+            .filter(|l| l.added_via_api())
+        {
+            match dynamic_listeners.iter_mut().find(|d| d.name == l.name()) {
+                Some(d) => d.warming_state = state(l),
+                None => dynamic_listeners.push(admin_pb::listeners_config_dump::DynamicListener {
+                    name: l.name().to_string(),
+                    warming_state: state(l),
+                    ..Default::default()
+                }),
+            }
+        }
+        let dynamic_route_configs = s
+            .dynamic
+            .as_ref()
+            .map(|d| d.route_configs())
+            .unwrap_or_default()
+            .into_iter()
+            .map(
+                |(name, any)| admin_pb::routes_config_dump::DynamicRouteConfig {
+                    version_info: route_version(&name),
+                    route_config: Some(any),
+                    last_updated: now,
+                    ..Default::default()
+                },
+            )
+            .collect();
         let mut static_listeners = Vec::new();
         let mut static_route_configs = Vec::new();
         for l in &s.bootstrap.listeners {
@@ -358,12 +438,16 @@ impl Admin {
             }
         }
         let listeners = admin_pb::ListenersConfigDump {
+            version_info: s
+                .xds()
+                .and_then(|c| c.accepted_version(crate::xds::LISTENER_TYPE))
+                .unwrap_or_default(),
             static_listeners,
-            ..Default::default()
+            dynamic_listeners,
         };
         let routes = admin_pb::RoutesConfigDump {
             static_route_configs,
-            ..Default::default()
+            dynamic_route_configs,
         };
         let dump = admin_pb::ConfigDump {
             configs: vec![

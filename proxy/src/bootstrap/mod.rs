@@ -2,7 +2,9 @@
 //!
 //! `capstan-proxy -c FILE` reads an Envoy bootstrap in YAML or JSON through the proto3 JSON
 //! mapping (unknown fields are errors), applies `--service-node` / `--service-cluster` as
-//! Envoy does, and translates it with [`crate::config::translate_bootstrap`]. Every error is
+//! Envoy does, and translates it with [`crate::config::translate_bootstrap`].
+//! `capstan-proxy --xds-address http://IP:PORT --node-id ID` runs with no file at all: ADS
+//! state of the world, CDS and LDS over it, the default admin address. Every error is
 //! returned before anything binds; `main` exits with [`EX_USAGE`].
 
 use std::net::SocketAddr;
@@ -58,6 +60,18 @@ pub struct Args {
     #[arg(long = "service-cluster")]
     pub service_cluster: Option<String>,
 
+    /// Run without a bootstrap file: the control plane's ADS address (`http://IP:PORT`).
+    #[arg(
+        long = "xds-address",
+        value_name = "URL",
+        conflicts_with = "config_path"
+    )]
+    pub xds_address: Option<String>,
+
+    /// `node.id` (same as `--service-node`), required with `--xds-address`.
+    #[arg(long = "node-id", value_name = "ID")]
+    pub node_id: Option<String>,
+
     /// Address of the readiness-only listener (serves `/ready`).
     #[arg(long = "readiness-address", default_value = "0.0.0.0:15021")]
     pub readiness_address: SocketAddr,
@@ -103,8 +117,10 @@ impl Args {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
-    #[error("no configuration: pass -c FILE")]
+    #[error("no configuration: pass -c FILE, or --xds-address URL --node-id ID")]
     NoConfig,
+    #[error("{0}")]
+    Usage(String),
     #[error("cannot read {path}: {source}")]
     Read {
         path: String,
@@ -126,6 +142,9 @@ fn indent(e: &ConfigError) -> String {
 
 /// Reads, parses and translates the bootstrap named on the command line.
 pub fn load(args: &Args) -> Result<config::Bootstrap, BootstrapError> {
+    if let Some(address) = &args.xds_address {
+        return from_xds_address(address, args);
+    }
     let path = args.config_path.as_ref().ok_or(BootstrapError::NoConfig)?;
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| BootstrapError::Read {
@@ -153,13 +172,41 @@ pub fn from_text(
     })
 }
 
-/// `--service-node` and `--service-cluster` override the bootstrap's node, as in Envoy.
+/// `--xds-address URL --node-id ID`: a bootstrap with only a node, ADS for CDS and LDS.
+pub fn from_xds_address(address: &str, args: &Args) -> Result<config::Bootstrap, BootstrapError> {
+    let uri: http::Uri = address.parse().map_err(|e| {
+        BootstrapError::Usage(format!("--xds-address: invalid URL {address:?}: {e}"))
+    })?;
+    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        return Err(BootstrapError::Usage(format!(
+            "--xds-address: expected http://HOST:PORT, got {address:?} (TLS to the control plane is not implemented)"
+        )));
+    }
+    let mut b = pb::Bootstrap::default();
+    apply_node_flags(&mut b, args);
+    if b.node.as_ref().is_none_or(|n| n.id.is_empty()) {
+        return Err(BootstrapError::Usage(
+            "--xds-address needs --node-id ID (or --service-node ID)".to_string(),
+        ));
+    }
+    let mut translated =
+        config::translate_bootstrap(&b).map_err(|errors| BootstrapError::Invalid {
+            path: "--xds-address".to_string(),
+            errors,
+        })?;
+    translated.dynamic = Some(config::dynamic::Dynamic::from_address(address));
+    Ok(translated)
+}
+
+/// `--service-node` (or `--node-id`) and `--service-cluster` override the bootstrap's node,
+/// as in Envoy.
 fn apply_node_flags(b: &mut pb::Bootstrap, args: &Args) {
-    if args.service_node.is_none() && args.service_cluster.is_none() {
+    let id = args.node_id.as_ref().or(args.service_node.as_ref());
+    if id.is_none() && args.service_cluster.is_none() {
         return;
     }
     let node = b.node.get_or_insert_with(Node::default);
-    if let Some(id) = &args.service_node {
+    if let Some(id) = id {
         node.id = id.clone();
     }
     if let Some(cluster) = &args.service_cluster {
@@ -218,6 +265,44 @@ mod tests {
         let err = from_text("static_resources: { clustrs: [] }\n", &args(&[]), "b.yaml")
             .expect_err("invalid");
         assert!(err.to_string().contains("clustrs"), "{err}");
+    }
+
+    #[test]
+    fn xds_address_alone_is_a_complete_configuration() {
+        let a = args(&[
+            "--xds-address",
+            "http://127.0.0.1:18000",
+            "--node-id",
+            "p.ns",
+        ]);
+        let b = load(&a).expect("valid");
+        assert_eq!(b.node.id, "p.ns");
+        let d = b.dynamic.expect("dynamic");
+        assert_eq!(d.ads.endpoint, "http://127.0.0.1:18000");
+        assert!(d.cds.is_some() && d.lds.is_some());
+        assert_eq!(b.admin_address.to_string(), config::DEFAULT_ADMIN_ADDRESS);
+    }
+
+    #[test]
+    fn xds_address_needs_a_node_id_and_plain_http() {
+        let no_id = load(&args(&["--xds-address", "http://127.0.0.1:18000"]));
+        assert!(
+            no_id
+                .expect_err("invalid")
+                .to_string()
+                .contains("--node-id")
+        );
+        let tls = load(&args(&[
+            "--xds-address",
+            "https://cp:18000",
+            "--node-id",
+            "a",
+        ]));
+        assert!(
+            tls.expect_err("invalid")
+                .to_string()
+                .contains("http://HOST:PORT")
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! Clusters live in an immutable map swapped atomically ([`arc_swap`]), and each cluster's
 //! membership is an immutable [`HostSet`] swapped the same way, so the request path
 //! ([`ClusterManager::get`], [`Cluster::choose_host`]) takes no lock. Writers (static
-//! clusters today, CDS/EDS later) build a new snapshot and swap it in.
+//! clusters, CDS and EDS through [`cds`]) build a new snapshot and swap it in.
 //!
 //! Initialization follows Envoy: each cluster registers an init target in the phase its type
 //! belongs to — STATIC, STRICT_DNS and LOGICAL_DNS in the primary phase (DNS resolved once),
@@ -11,6 +11,7 @@
 //! the health-check phase (ready at once: active health checking is not implemented yet).
 //! This module must not know about listeners or HTTP routing.
 
+pub mod cds;
 pub mod dns;
 pub mod host;
 pub mod lb;
@@ -218,7 +219,11 @@ impl Cluster {
 
     /// Starts this cluster's initialization; `ready` is reported once it has its first hosts
     /// (or gave up waiting for them, as Envoy does).
-    fn initialize(self: &Arc<Self>, ready: init::TargetHandle) {
+    fn initialize(
+        self: &Arc<Self>,
+        ready: init::TargetHandle,
+        eds: Option<Arc<dyn cds::EdsSource>>,
+    ) {
         match &self.config.discovery {
             Discovery::Static => ready.ready(),
             Discovery::StrictDns | Discovery::LogicalDns => {
@@ -237,13 +242,20 @@ impl Cluster {
                 };
                 let timeout = *initial_fetch_timeout;
                 let task = tokio::spawn(async move {
-                    // No xDS client yet: nothing will ever answer, so the wait ends on
-                    // `initial_fetch_timeout` and the cluster initializes without hosts.
-                    tracing::warn!(cluster = %name, eds_service = %service, ?timeout,
-                        "EDS cluster has no xDS source yet; waiting for initial_fetch_timeout");
-                    let outcome =
-                        init::initial_fetch(std::future::pending::<Result<(), String>>(), timeout)
-                            .await;
+                    let outcome = match eds {
+                        Some(eds) => eds.first_assignment(&service, timeout).await,
+                        None => {
+                            // No ADS configured: nothing will ever answer, so the wait ends on
+                            // `initial_fetch_timeout` and the cluster initializes without hosts.
+                            tracing::warn!(cluster = %name, eds_service = %service, ?timeout,
+                                "EDS cluster has no xDS source; waiting for initial_fetch_timeout");
+                            init::initial_fetch(
+                                std::future::pending::<Result<(), String>>(),
+                                timeout,
+                            )
+                            .await
+                        }
+                    };
                     tracing::info!(cluster = %name, ?outcome, "EDS cluster initialized");
                     ready.ready();
                 });
@@ -377,6 +389,16 @@ pub struct ClusterManager {
     update: Mutex<()>,
     store: Arc<Store>,
     cluster_added: Counter,
+    /// CDS: clusters waiting for their first hosts before replacing (or joining) the active
+    /// ones; see [`cds`].
+    warming: Mutex<HashMap<String, Arc<Cluster>>>,
+    /// The last accepted `ClusterLoadAssignment` of each EDS service.
+    assignments: Mutex<HashMap<String, Vec<ResolvedEndpoint>>>,
+    eds: std::sync::OnceLock<Arc<dyn cds::EdsSource>>,
+    /// The phases CDS clusters initialize in during the server's initialization.
+    pub cds_init: InitPhases,
+    cluster_modified: Counter,
+    cluster_removed: Counter,
 }
 
 impl std::fmt::Debug for ClusterManager {
@@ -395,6 +417,16 @@ impl ClusterManager {
             update: Mutex::new(()),
             store: store.clone(),
             cluster_added: Counter::default(),
+            warming: Mutex::new(HashMap::new()),
+            assignments: Mutex::new(HashMap::new()),
+            eds: std::sync::OnceLock::new(),
+            cds_init: InitPhases {
+                primary: init::Manager::new("cluster_manager cds primary"),
+                secondary: init::Manager::new("cluster_manager cds secondary"),
+                health_check: init::Manager::new("cluster_manager cds health check round"),
+            },
+            cluster_modified: Counter::default(),
+            cluster_removed: Counter::default(),
         });
         let weak: Weak<dyn Source> = Arc::downgrade(&cm) as Weak<dyn Source>;
         store.register_weak(weak);
@@ -419,9 +451,10 @@ impl ClusterManager {
                 &phases.secondary
             };
             let c = cluster.clone();
+            let eds = self.eds.get().cloned();
             phase.add_target(
                 format!("cluster {} ({})", config.name, config.discovery.name()),
-                move |h| c.initialize(h),
+                move |h| c.initialize(h, eds),
             )?;
             // No cluster has active health checks yet, so its round is over at once; this is
             // where the health checker will hold initialization.
@@ -433,6 +466,8 @@ impl ClusterManager {
             next.insert(config.name.clone(), cluster);
         }
         self.clusters.store(Arc::new(next));
+        drop(_writer);
+        self.update_eds_subscription();
         Ok(())
     }
 
@@ -453,8 +488,10 @@ impl Source for ClusterManager {
     fn collect(&self, out: &mut Vec<Sample>) {
         let scope = Scope::fixed("cluster_manager");
         scope.gauge("active_clusters", self.clusters.load().len() as i64, out);
-        scope.gauge("warming_clusters", 0, out);
+        scope.gauge("warming_clusters", lock(&self.warming).len() as i64, out);
         scope.counter("cluster_added", self.cluster_added.get(), out);
+        scope.counter("cluster_modified", self.cluster_modified.get(), out);
+        scope.counter("cluster_removed", self.cluster_removed.get(), out);
     }
 }
 

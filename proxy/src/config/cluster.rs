@@ -374,7 +374,7 @@ fn protocol(c: &pb::Cluster, path: &Path, errors: &mut Errors) -> UpstreamProtoc
     protocol
 }
 
-fn load_assignment(
+pub fn load_assignment(
     la: &endpoint::ClusterLoadAssignment,
     discovery: &Discovery,
     path: &Path,

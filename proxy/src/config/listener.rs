@@ -69,6 +69,33 @@ pub enum Codec {
 pub enum RouteSpecifier {
     /// An inline `route_config`.
     Static(Arc<RouteConfig>),
+    /// `rds`: the route configuration named `route_config_name`, over ADS. The listener warms
+    /// until it arrives (or `initial_fetch_timeout` passes).
+    Rds {
+        route_config_name: String,
+        /// `None`: wait forever.
+        initial_fetch_timeout: Option<std::time::Duration>,
+    },
+}
+
+impl HttpConnectionManager {
+    /// The RDS route configuration this connection manager uses, if any.
+    pub fn rds_name(&self) -> Option<&str> {
+        match &self.route {
+            RouteSpecifier::Rds {
+                route_config_name, ..
+            } => Some(route_config_name),
+            RouteSpecifier::Static(_) => None,
+        }
+    }
+}
+
+impl Listener {
+    /// The RDS route configuration names this listener's filter chain waits for.
+    pub fn rds_names(&self) -> Vec<String> {
+        let NetworkFilter::HttpConnectionManager(h) = &self.filter_chain.filter;
+        h.rds_name().map(str::to_string).into_iter().collect()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,10 +291,28 @@ fn http_connection_manager(
             &rpath,
             errors,
         )))),
+        Some(R::Rds(rds)) => {
+            let path = path.field("rds");
+            if rds.route_config_name.is_empty() {
+                errors.push(&path.field("route_config_name"), "required");
+            }
+            let spath = path.field("config_source");
+            let source = match &rds.config_source {
+                Some(s) => Some(super::config_source(s, &spath, errors)),
+                None => {
+                    errors.push(&spath, "required");
+                    None
+                }
+            };
+            source.map(|s| RouteSpecifier::Rds {
+                route_config_name: rds.route_config_name.clone(),
+                initial_fetch_timeout: s.initial_fetch_timeout,
+            })
+        }
         // Reported as unsupported fields by the supported-subset check.
         Some(_) => None,
         None => {
-            errors.push(&rpath, "required (RDS is not implemented yet)");
+            errors.push(&rpath, "one of route_config, rds is required");
             None
         }
     };
@@ -380,7 +425,7 @@ filter_chains:
     }
 
     #[test]
-    fn unsupported_filters_and_rds_are_named() {
+    fn unsupported_filters_are_named_and_rds_is_accepted() {
         let errs = listener(&format!(
             r#"
 name: out
@@ -393,7 +438,7 @@ filter_chains:
       "@type": {HCM}
       stat_prefix: outbound
       codec_type: HTTP3
-      rds: {{ route_config_name: r, config_source: {{ ads: {{}} }} }}
+      rds: {{ route_config_name: r, config_source: {{ ads: {{}}, initial_fetch_timeout: 3s }} }}
       http_filters:
       - name: envoy.filters.http.cors
         typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
@@ -404,7 +449,6 @@ filter_chains:
         .expect_err("invalid");
         let expected = [
             "listener.listener_filters: unsupported field (listener filters are not implemented yet)",
-            "listener.filter_chains[0].filters[0].typed_config.rds: unsupported field (RDS is not implemented yet; use an inline route_config)",
             "listener.filter_chains[0].filters[0].typed_config.codec_type: unsupported value HTTP3 (supported: AUTO, HTTP1, HTTP2)",
             "listener.filter_chains[0].filters[0].typed_config.http_filters[0]: the router must be the last HTTP filter",
         ];

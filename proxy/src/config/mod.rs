@@ -1,6 +1,6 @@
 //! The proxy's own configuration model, and its translation from Envoy's protos.
 //!
-//! Envoy resources (from the bootstrap today, from xDS later) are translated here into plain,
+//! Envoy resources (from the bootstrap, and from xDS through `crate::dynamic`) are translated here into plain,
 //! immutable Rust types that the rest of the proxy runs on; regexes are compiled and header
 //! names validated once. Translation is where "never silently ignore a field that changes
 //! behaviour" is enforced: [`supported`] rejects every field outside the implemented subset,
@@ -10,6 +10,7 @@
 //! This module does no I/O and starts nothing; it must not depend on the runtime modules.
 
 pub mod cluster;
+pub mod dynamic;
 pub mod errors;
 pub mod listener;
 pub mod route;
@@ -37,6 +38,8 @@ pub struct Bootstrap {
     pub admin_address: SocketAddr,
     pub clusters: Vec<Cluster>,
     pub listeners: Vec<Listener>,
+    /// `dynamic_resources` (or `--xds-address`): the ADS stream, CDS and LDS.
+    pub dynamic: Option<dynamic::Dynamic>,
     /// The bootstrap as read (with the node as overridden by flags), for `/config_dump`.
     pub source: Arc<pb::Bootstrap>,
 }
@@ -120,6 +123,21 @@ pub fn translate_bootstrap(b: &pb::Bootstrap) -> Result<Bootstrap, ConfigError> 
         }
     }
 
+    let dynamic = b.dynamic_resources.as_ref().and_then(|d| {
+        dynamic::translate(d, &clusters, &root.field("dynamic_resources"), &mut errors)
+    });
+    if b.dynamic_resources.is_none() {
+        // RDS and EDS arrive over ADS; without it they could never be satisfied.
+        for (i, l) in listeners.iter().enumerate() {
+            if !l.rds_names().is_empty() {
+                errors.push(
+                    &spath.field("listeners").index(i),
+                    "its HTTP connection manager uses rds, which needs dynamic_resources.ads_config",
+                );
+            }
+        }
+    }
+
     let node = b
         .node
         .as_ref()
@@ -137,6 +155,7 @@ pub fn translate_bootstrap(b: &pb::Bootstrap) -> Result<Bootstrap, ConfigError> 
         admin_address,
         clusters,
         listeners,
+        dynamic,
         source: Arc::new(b.clone()),
     })
 }
@@ -220,7 +239,7 @@ static_resources:
         )
         .expect_err("invalid");
         let expected = [
-            "dynamic_resources: unsupported field (xDS (ADS, CDS, LDS) is not implemented yet)",
+            "dynamic_resources.ads_config: required: cds_config and lds_config use ads: {}, which needs ads_config",
             "layered_runtime: unsupported field",
             "admin.address.socket_address.address: malformed IP address \"localhost\"",
             "static_resources.clusters[1].name: duplicate cluster \"a\"",

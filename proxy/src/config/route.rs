@@ -238,6 +238,23 @@ pub struct RouteContext<'a> {
     pub validate_clusters_default: bool,
 }
 
+/// A route configuration with no virtual hosts (every request: 404 no route), what an RDS
+/// connection manager holds until its routes arrive.
+pub fn empty_route_config(name: &str) -> RouteConfig {
+    translate(
+        &pb::RouteConfiguration {
+            name: name.to_string(),
+            ..Default::default()
+        },
+        &RouteContext {
+            known_clusters: None,
+            validate_clusters_default: false,
+        },
+        &Path::root(),
+        &mut Errors::new(),
+    )
+}
+
 pub fn translate(
     rc: &pb::RouteConfiguration,
     ctx: &RouteContext<'_>,

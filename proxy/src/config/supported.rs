@@ -41,7 +41,25 @@ const OPEN: &[&str] = &[
 const SUPPORTED: &[(&str, &[&str])] = &[
     (
         "envoy.config.bootstrap.v3.Bootstrap",
-        &["node", "static_resources", "admin"],
+        &["node", "static_resources", "dynamic_resources", "admin"],
+    ),
+    (
+        "envoy.config.bootstrap.v3.Bootstrap.DynamicResources",
+        &["ads_config", "cds_config", "lds_config"],
+    ),
+    (
+        "envoy.config.core.v3.ApiConfigSource",
+        &[
+            "api_type",
+            "transport_api_version",
+            "grpc_services",
+            "set_node_on_first_message_only",
+        ],
+    ),
+    ("envoy.config.core.v3.GrpcService", &["envoy_grpc"]),
+    (
+        "envoy.config.core.v3.GrpcService.EnvoyGrpc",
+        &["cluster_name"],
     ),
     (
         "envoy.config.bootstrap.v3.Bootstrap.StaticResources",
@@ -137,6 +155,7 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "codec_type",
             "stat_prefix",
             "route_config",
+            "rds",
             "http_filters",
             "server_name",
             "server_header_transformation",
@@ -144,6 +163,10 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "strip_matching_host_port",
             "strip_any_host_port",
         ],
+    ),
+    (
+        "envoy.extensions.filters.network.http_connection_manager.v3.Rds",
+        &["route_config_name", "config_source"],
     ),
     (
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter",
@@ -315,13 +338,14 @@ const SUPPORTED: &[(&str, &[&str])] = &[
 /// Why a field users commonly set is not accepted yet, appended to the error.
 const HINTS: &[(&str, &str)] = &[
     (
-        "dynamic_resources",
-        "xDS (ADS, CDS, LDS) is not implemented yet",
+        "api_config_source",
+        "only ADS config sources (ads: {}) are supported",
     ),
     (
-        "rds",
-        "RDS is not implemented yet; use an inline route_config",
+        "path_config_source",
+        "only ADS config sources (ads: {}) are supported",
     ),
+    ("google_grpc", "use envoy_grpc naming a STATIC cluster"),
     (
         "health_checks",
         "active health checking is not implemented yet",

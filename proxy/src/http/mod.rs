@@ -6,7 +6,7 @@
 //! every request through [`proxy`]: route ([`router`], pure), then a direct response, a
 //! redirect or a proxied request to a host of the route's cluster. Local failures become
 //! responses only in [`local_reply`]. The route configuration is an immutable snapshot behind
-//! an `ArcSwap` (RDS will swap it); a request holds the snapshot it started with.
+//! an `ArcSwap` (RDS swaps it: [`HttpConnectionManager::set_route_config`]); a request holds the snapshot it started with.
 //!
 //! While the listener drains, HTTP/1 responses carry `Connection: close` and HTTP/2
 //! connections get a GOAWAY; in the closing phase every connection shuts down gracefully.
@@ -162,6 +162,9 @@ impl HttpConnectionManager {
     ) -> Self {
         let route_config = match &config.route {
             RouteSpecifier::Static(rc) => ArcSwap::new(rc.clone()),
+            RouteSpecifier::Rds {
+                route_config_name, ..
+            } => ArcSwap::from_pointee(crate::config::route::empty_route_config(route_config_name)),
         };
         let server_name = HeaderValue::from_str(&config.server_name)
             .unwrap_or_else(|_| HeaderValue::from_static("envoy"));
@@ -177,6 +180,15 @@ impl HttpConnectionManager {
 
     pub fn stats(&self) -> &Arc<HttpStats> {
         &self.stats
+    }
+
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    /// The route configuration new requests use.
+    pub fn route_config(&self) -> Arc<RouteConfig> {
+        self.route_config.load_full()
     }
 
     /// Replaces the route configuration (RDS); requests in flight keep the one they started

@@ -8,10 +8,18 @@
 //! refused. Draining follows [`drain::Drain`]: keep accepting while telling clients to go away,
 //! then stop accepting and wait for connections to finish.
 //!
+//! Listeners from LDS ([`lds`]) follow the same path: a new or changed listener warms (its
+//! RDS route configuration, or `initial_fetch_timeout`), then replaces the active listener of
+//! that name — taking over its bound socket when the address is the same, so no connection
+//! attempt is refused in between — and the old one drains for the drain time (HTTP/1
+//! `Connection: close`, HTTP/2 GOAWAY), then closes once its in-flight requests finish.
+//! Each listener has its own [`Drain`]; a server-wide drain advances all of them.
+//!
 //! The listener manager must not route requests; it hands each connection to the listener's
 //! network filter (today, the HTTP connection manager).
 
 pub mod drain;
+pub mod lds;
 
 use std::collections::HashMap;
 use std::io;
@@ -21,10 +29,12 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 
 use crate::cluster::ClusterManager;
 use crate::config::listener::{Listener as Config, NetworkFilter};
+use crate::config::route::RouteConfig;
 use crate::http::{HttpConnectionManager, HttpStats, HttpStatsSource};
 use crate::init;
 use crate::stats::{Counter, Gauge, Sample, Scope, Source, Store};
@@ -37,6 +47,13 @@ pub struct ListenerStats {
     pub downstream_cx_active: Gauge,
 }
 
+/// A running accept loop: stopping it hands its socket back (for a listener update on the
+/// same address).
+struct Accepting {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Option<TcpListener>>,
+}
+
 /// One listener: its configuration, network filter and, once bound, its address.
 pub struct ActiveListener {
     config: Arc<Config>,
@@ -44,6 +61,10 @@ pub struct ActiveListener {
     stats: Arc<ListenerStats>,
     init: init::Manager,
     local_address: Mutex<Option<SocketAddr>>,
+    /// This listener's own drain (a replaced or removed listener drains alone).
+    drain: Drain,
+    accepting: Mutex<Option<Accepting>>,
+    added_via_api: bool,
 }
 
 impl std::fmt::Debug for ActiveListener {
@@ -64,9 +85,35 @@ impl ActiveListener {
         &self.config
     }
 
+    pub fn added_via_api(&self) -> bool {
+        self.added_via_api
+    }
+
+    pub fn http_connection_manager(&self) -> &Arc<HttpConnectionManager> {
+        &self.hcm
+    }
+
     /// The bound address (the configured one until bound; the real port when it was 0).
     pub fn local_address(&self) -> SocketAddr {
         lock(&self.local_address).unwrap_or(self.config.address)
+    }
+
+    /// Starts accepting on `socket`.
+    fn accept_on(self: &Arc<Self>, socket: TcpListener, connections: mpsc::Sender<()>) {
+        if let Ok(local) = socket.local_addr() {
+            *lock(&self.local_address) = Some(local);
+        }
+        let (stop, stopped) = oneshot::channel();
+        tracing::info!(listener = %self.name(), address = %self.local_address(), "listener accepting");
+        let task = tokio::spawn(accept_loop(self.clone(), socket, connections, stopped));
+        *lock(&self.accepting) = Some(Accepting { stop, task });
+    }
+
+    /// Stops accepting and returns the socket (`None` if it was not accepting).
+    async fn stop_accepting(&self) -> Option<TcpListener> {
+        let accepting = lock(&self.accepting).take()?;
+        let _ = accepting.stop.send(());
+        accepting.task.await.ok().flatten()
     }
 }
 
@@ -90,6 +137,20 @@ impl Source for ActiveListener {
     }
 }
 
+/// Where RDS connection managers get their route configurations (the xDS client, through the
+/// proxy's handler).
+pub trait RdsSource: Send + Sync + 'static {
+    /// Completes on the first route configuration `name`, on failure, or after `timeout`.
+    fn first_route_config(
+        &self,
+        name: &str,
+        timeout: Option<Duration>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = init::FetchOutcome> + Send>>;
+
+    /// The route configuration names the listeners need now.
+    fn subscribe(&self, names: std::collections::BTreeSet<String>);
+}
+
 /// Every listener of the proxy.
 pub struct ListenerManager {
     clusters: Arc<ClusterManager>,
@@ -97,9 +158,23 @@ pub struct ListenerManager {
     drain: Drain,
     warming: Mutex<Vec<Arc<ActiveListener>>>,
     active: Mutex<Vec<Arc<ActiveListener>>>,
+    draining: Mutex<Vec<Arc<ActiveListener>>>,
     http_stats: Mutex<HashMap<String, Arc<HttpStatsSource>>>,
     workers_started: AtomicBool,
+    /// Held while listeners are bound or swapped, so a listener that warms while workers
+    /// start is bound exactly once.
+    activation: tokio::sync::Mutex<()>,
     listener_added: Counter,
+    listener_modified: Counter,
+    listener_removed: Counter,
+    /// How long a replaced or removed listener drains (`--drain-time-s`).
+    listener_drain_time: Mutex<Duration>,
+    rds: std::sync::OnceLock<Arc<dyn RdsSource>>,
+    /// RDS starts with LDS, once the cluster manager has initialized (`DESIGN.md` step 5);
+    /// until then the names are collected but not subscribed.
+    rds_started: AtomicBool,
+    /// The last accepted route configuration of each RDS name.
+    routes: Mutex<HashMap<String, Arc<RouteConfig>>>,
     /// Every connection task holds a clone; when all are gone, connections have finished.
     connections: Mutex<Option<mpsc::Sender<()>>>,
     connections_done: tokio::sync::Mutex<mpsc::Receiver<()>>,
@@ -123,9 +198,17 @@ impl ListenerManager {
             drain,
             warming: Mutex::new(Vec::new()),
             active: Mutex::new(Vec::new()),
+            draining: Mutex::new(Vec::new()),
             http_stats: Mutex::new(HashMap::new()),
             workers_started: AtomicBool::new(false),
+            activation: tokio::sync::Mutex::new(()),
             listener_added: Counter::default(),
+            listener_modified: Counter::default(),
+            listener_removed: Counter::default(),
+            listener_drain_time: Mutex::new(Duration::from_secs(45)),
+            rds: std::sync::OnceLock::new(),
+            rds_started: AtomicBool::new(false),
+            routes: Mutex::new(HashMap::new()),
             connections: Mutex::new(Some(tx)),
             connections_done: tokio::sync::Mutex::new(rx),
         });
@@ -138,51 +221,203 @@ impl ListenerManager {
         &self.drain
     }
 
-    /// Adds a listener, warming; `server_init` gets a target that is ready once it is warm.
+    /// How long a listener replaced or removed by LDS drains.
+    pub fn set_drain_time(&self, d: Duration) {
+        *lock(&self.listener_drain_time) = d;
+    }
+
+    /// Sets where RDS connection managers get their routes; before any listener is added.
+    pub fn set_rds_source(&self, source: Arc<dyn RdsSource>) {
+        if self.rds.set(source).is_err() {
+            tracing::warn!("RDS source set twice; keeping the first");
+        }
+    }
+
+    /// Adds a bootstrap listener, warming; `server_init` gets a target that is ready once it
+    /// is warm.
     pub fn add_listener(
         self: &Arc<Self>,
         config: &Config,
         server_init: &init::Manager,
     ) -> Result<(), init::Error> {
+        let listener = self.build(config, false);
+        lock(&self.warming).push(listener.clone());
+        self.update_rds_subscription();
+        self.warm(listener, server_init)
+    }
+
+    /// Builds a listener with its connection manager (holding the last route configuration
+    /// received for its RDS name, if any) and its own init manager.
+    fn build(self: &Arc<Self>, config: &Config, added_via_api: bool) -> Arc<ActiveListener> {
         let NetworkFilter::HttpConnectionManager(hcm_config) = &config.filter_chain.filter;
         let http_stats = self.http_stats(&hcm_config.stat_prefix);
+        let drain = Drain::new();
+        if self.drain.is_draining() {
+            drain.advance(self.drain.phase());
+        }
         let hcm = Arc::new(HttpConnectionManager::new(
             hcm_config.clone(),
             self.clusters.clone(),
             http_stats,
-            self.drain.clone(),
+            drain.clone(),
         ));
+        let init = init::Manager::new(format!("listener {}", config.name));
+        if let Some(name) = hcm_config.rds_name() {
+            if let Some(rc) = lock(&self.routes).get(name) {
+                hcm.set_route_config(rc.clone());
+            }
+            if let crate::config::listener::RouteSpecifier::Rds {
+                initial_fetch_timeout,
+                ..
+            } = &hcm_config.route
+            {
+                let timeout = *initial_fetch_timeout;
+                let rds = self.rds.get().cloned();
+                let rds_name = name.to_string();
+                let registered = init.add_target(format!("RDS {name}"), move |ready| {
+                    tokio::spawn(async move {
+                        let outcome = match rds {
+                            Some(rds) => rds.first_route_config(&rds_name, timeout).await,
+                            None => init::initial_fetch(
+                                std::future::pending::<Result<(), String>>(),
+                                timeout,
+                            )
+                            .await,
+                        };
+                        tracing::info!(route_config = %rds_name, ?outcome, "RDS initial fetch ended");
+                        ready.ready();
+                    });
+                });
+                if let Err(e) = registered {
+                    tracing::warn!(error = %e, "cannot register the RDS init target");
+                }
+            }
+        }
         let listener = Arc::new(ActiveListener {
-            init: init::Manager::new(format!("listener {}", config.name)),
+            init,
             config: Arc::new(config.clone()),
             hcm,
             stats: Arc::new(ListenerStats::default()),
             local_address: Mutex::new(None),
+            drain,
+            accepting: Mutex::new(None),
+            added_via_api,
         });
         let weak: Weak<dyn Source> = Arc::downgrade(&listener) as Weak<dyn Source>;
         self.store.register_weak(weak);
-        lock(&self.warming).push(listener.clone());
-        self.listener_added.inc();
+        listener
+    }
 
+    /// Warms `listener` through `parent` (the server's init manager during initialization);
+    /// once warm it becomes active.
+    fn warm(
+        self: &Arc<Self>,
+        listener: Arc<ActiveListener>,
+        parent: &init::Manager,
+    ) -> Result<(), init::Error> {
         let manager = Arc::downgrade(self);
-        server_init.add_target(format!("listener {}", config.name), move |ready| {
-            // An inline route configuration registers nothing here, so the listener is warm
-            // as soon as its own init manager runs; RDS will hold it until the routes arrive.
+        let name = format!("listener {}", listener.name());
+        parent.add_target(name, move |ready| {
             let watcher = listener.init.initialize();
             tokio::spawn(async move {
                 watcher.wait().await;
                 if let Some(m) = manager.upgrade() {
-                    m.warmed(&listener);
+                    m.warmed(&listener).await;
                 }
                 ready.ready();
             });
         })
     }
 
-    fn warmed(&self, listener: &Arc<ActiveListener>) {
-        lock(&self.warming).retain(|l| !Arc::ptr_eq(l, listener));
-        lock(&self.active).push(listener.clone());
-        tracing::info!(listener = %listener.name(), "listener warmed");
+    /// A listener is warm: it replaces the active listener of its name (if any). Once workers
+    /// run, it binds at once — taking over the old listener's socket when the address is the
+    /// same — and the old listener drains.
+    async fn warmed(self: &Arc<Self>, listener: &Arc<ActiveListener>) {
+        let _activation = self.activation.lock().await;
+        {
+            let mut warming = lock(&self.warming);
+            let Some(i) = warming.iter().position(|l| Arc::ptr_eq(l, listener)) else {
+                // Superseded or removed while warming.
+                return;
+            };
+            warming.remove(i);
+        }
+        let old = {
+            let mut active = lock(&self.active);
+            match active.iter().position(|l| l.name() == listener.name()) {
+                Some(i) => Some(std::mem::replace(&mut active[i], listener.clone())),
+                None => {
+                    active.push(listener.clone());
+                    None
+                }
+            }
+        };
+        // The replaced listener's route configuration may no longer be needed.
+        self.update_rds_subscription();
+        match &old {
+            Some(_) => {
+                self.listener_modified.inc();
+                tracing::info!(listener = %listener.name(), "listener warmed; replacing the active one");
+            }
+            None => {
+                self.listener_added.inc();
+                tracing::info!(listener = %listener.name(), "listener warmed");
+            }
+        }
+        if !self.workers_started() {
+            return;
+        }
+        let Some(tx) = lock(&self.connections).clone() else {
+            return;
+        };
+        // Take over the socket of the listener this one replaces, or of a removed one that
+        // is still draining, when the address is the same.
+        let address = listener.config.address;
+        let same_address = |l: &Arc<ActiveListener>| {
+            address.port() != 0 && (l.config.address == address || l.local_address() == address)
+        };
+        let donor = old.clone().filter(same_address).or_else(|| {
+            lock(&self.draining)
+                .iter()
+                .find(|l| same_address(l))
+                .cloned()
+        });
+        let mut socket = None;
+        if let Some(donor) = donor {
+            socket = donor.stop_accepting().await;
+        }
+        let socket = match socket {
+            Some(s) => Ok(s),
+            None => bind_retrying(address).await,
+        };
+        match socket {
+            Ok(s) => listener.accept_on(s, tx),
+            Err(e) => {
+                tracing::error!(listener = %listener.name(), address = %listener.config.address,
+                error = %e, "cannot bind listener")
+            }
+        }
+        if let Some(old) = old {
+            self.drain_one(old);
+        }
+    }
+
+    /// Stops `old` accepting (if it still does) and drains its connections in the background.
+    fn drain_one(self: &Arc<Self>, old: Arc<ActiveListener>) {
+        let drain_time = *lock(&self.listener_drain_time);
+        lock(&self.draining).push(old.clone());
+        let manager = Arc::downgrade(self);
+        tokio::spawn(async move {
+            drop(old.stop_accepting().await);
+            old.drain.advance(Phase::Draining);
+            tracing::info!(listener = %old.name(), ?drain_time, "listener draining");
+            tokio::time::sleep(drain_time).await;
+            old.drain.advance(Phase::Closing);
+            if let Some(m) = manager.upgrade() {
+                lock(&m.draining).retain(|l| !Arc::ptr_eq(l, &old));
+            }
+            tracing::info!(listener = %old.name(), "listener drained");
+        });
     }
 
     /// Connection managers with the same `stat_prefix` share their stats, as in Envoy.
@@ -207,6 +442,11 @@ impl ListenerManager {
         lock(&self.active).clone()
     }
 
+    /// Listeners still warming.
+    pub fn warming_listeners(&self) -> Vec<Arc<ActiveListener>> {
+        lock(&self.warming).clone()
+    }
+
     pub fn workers_started(&self) -> bool {
         self.workers_started.load(Ordering::Acquire)
     }
@@ -214,6 +454,7 @@ impl ListenerManager {
     /// Binds every active listener and starts accepting (the server is LIVE). Fails if any
     /// address cannot be bound; nothing accepts then.
     pub async fn start_workers(&self) -> io::Result<()> {
+        let _activation = self.activation.lock().await;
         let listeners = self.listeners();
         let mut bound = Vec::with_capacity(listeners.len());
         for l in &listeners {
@@ -227,25 +468,32 @@ impl ListenerManager {
                     ),
                 )
             })?;
-            let local = socket.local_addr()?;
-            *lock(&l.local_address) = Some(local);
             bound.push((l.clone(), socket));
         }
         let Some(tx) = lock(&self.connections).clone() else {
             return Ok(());
         };
         for (l, socket) in bound {
-            tracing::info!(listener = %l.name(), address = %l.local_address(), "listener accepting");
-            tokio::spawn(accept_loop(l, socket, self.drain.clone(), tx.clone()));
+            l.accept_on(socket, tx.clone());
         }
         self.workers_started.store(true, Ordering::Release);
         Ok(())
+    }
+
+    fn all_listeners(&self) -> Vec<Arc<ActiveListener>> {
+        let mut all = lock(&self.active).clone();
+        all.extend(lock(&self.warming).iter().cloned());
+        all.extend(lock(&self.draining).iter().cloned());
+        all
     }
 
     /// Drains: keep accepting for `drain_time` while connections are told to go away, then
     /// stop accepting and wait up to `grace` for connections to finish.
     pub async fn drain_listeners(&self, drain_time: Duration, grace: Duration) {
         self.drain.advance(Phase::Draining);
+        for l in self.all_listeners() {
+            l.drain.advance(Phase::Draining);
+        }
         tracing::info!(?drain_time, "draining listeners");
         tokio::time::sleep(drain_time).await;
         self.close(grace).await;
@@ -254,6 +502,9 @@ impl ListenerManager {
     /// Stops accepting and waits up to `grace` for open connections to finish.
     pub async fn close(&self, grace: Duration) {
         self.drain.advance(Phase::Closing);
+        for l in self.all_listeners() {
+            l.drain.advance(Phase::Closing);
+        }
         drop(lock(&self.connections).take());
         let mut done = self.connections_done.lock().await;
         if tokio::time::timeout(grace, done.recv()).await.is_err() {
@@ -265,16 +516,35 @@ impl ListenerManager {
     }
 }
 
+/// Binds `address`, retrying for a second while it is still in use: a removed listener on the
+/// same address may be releasing its socket right now.
+async fn bind_retrying(address: SocketAddr) -> io::Result<TcpListener> {
+    let mut attempts = 0;
+    loop {
+        match TcpListener::bind(address).await {
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && attempts < 20 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 async fn accept_loop(
     listener: Arc<ActiveListener>,
     socket: TcpListener,
-    drain: Drain,
     connections: mpsc::Sender<()>,
-) {
-    let mut phase = drain.subscribe();
+    mut stop: oneshot::Receiver<()>,
+) -> Option<TcpListener> {
+    let mut phase = listener.drain.subscribe();
     loop {
         tokio::select! {
             biased;
+            _ = &mut stop => {
+                tracing::info!(listener = %listener.name(), "listener handing over its socket");
+                return Some(socket);
+            }
             () = closing(&mut phase) => break,
             accepted = socket.accept() => match accepted {
                 Ok((stream, remote)) => {
@@ -299,6 +569,7 @@ async fn accept_loop(
         }
     }
     tracing::info!(listener = %listener.name(), "listener stopped accepting");
+    None
 }
 
 /// Completes when the drain reaches `Closing` (or its sender is gone).
@@ -319,13 +590,14 @@ impl Source for ListenerManager {
             lock(&self.warming).len() as i64,
             out,
         );
-        let draining = if self.drain.is_draining() {
-            lock(&self.active).len() as i64
-        } else {
-            0
-        };
+        let mut draining = lock(&self.draining).len() as i64;
+        if self.drain.is_draining() {
+            draining += lock(&self.active).len() as i64;
+        }
         scope.gauge("total_listeners_draining", draining, out);
         scope.counter("listener_added", self.listener_added.get(), out);
+        scope.counter("listener_modified", self.listener_modified.get(), out);
+        scope.counter("listener_removed", self.listener_removed.get(), out);
         scope.gauge("workers_started", i64::from(self.workers_started()), out);
     }
 }

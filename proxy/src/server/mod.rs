@@ -4,11 +4,18 @@
 //! Sequence ([`Server::initialize`]), each step waiting for the previous one:
 //! 1. cluster manager, primary phase — STATIC, STRICT_DNS, LOGICAL_DNS clusters (DNS once);
 //! 2. secondary phase — EDS clusters (first assignment, failure, or `initial_fetch_timeout`);
-//! 3. CDS — not yet (no xDS client): nothing to wait for;
+//! 3. CDS (when `cds_config` is set): wait for the first CDS response (or failure, or its
+//!    `initial_fetch_timeout`), then the CDS clusters' primary phase, then their secondary
+//!    phase (each EDS cluster's first assignment, or its timeout);
 //! 4. the health-check round (ready at once without active health checks);
-//! 5. the server's init manager starts (`server.state` INITIALIZING); and
-//! 6. every listener warms through it;
+//! 5. the server's init manager starts (`server.state` INITIALIZING); with `lds_config`, LDS
+//!    is subscribed only now and its first response (or failure, or timeout) awaited;
+//! 6. every listener — static or from LDS — warms through the server's init manager (its RDS
+//!    route configuration, or that subscription's timeout);
 //! 7. listeners bind and accept; `server.state` LIVE, `/ready` 200.
+//!
+//! The xDS client ([`crate::xds`]) starts with the server when the bootstrap has
+//! `dynamic_resources` (or `--xds-address`); [`crate::dynamic`] applies what it receives.
 //!
 //! Admin and the readiness listener bind first, so `/ready` reports PRE_INITIALIZING and
 //! INITIALIZING while the steps run. A shutdown request during initialization stops it.
@@ -26,10 +33,15 @@ use tokio::net::TcpListener;
 use crate::admin::{self, Admin};
 use crate::cluster::{ClusterManager, InitPhases};
 use crate::config::Bootstrap;
+use crate::config::dynamic::{AdsApi, fetch_timeout};
+use crate::dynamic::{ClientStats, DynamicConfig};
 use crate::init;
 use crate::listener::ListenerManager;
 use crate::listener::drain::Drain;
 use crate::stats::{Sample, Scope, Store};
+use crate::xds::{
+    CLUSTER_TYPE, LISTENER_TYPE, SubscriptionNames, XdsClient, XdsClientConfig, XdsMode,
+};
 use state::{InitProgress, ShutdownReason, Status};
 
 /// Runtime options from the command line.
@@ -61,6 +73,8 @@ pub struct Server {
     pub server_init: init::Manager,
     /// When the configuration was loaded (`last_updated` in `/config_dump`).
     pub loaded_at: SystemTime,
+    /// CDS/EDS/LDS/RDS over ADS, when the bootstrap has `dynamic_resources`.
+    pub dynamic: Option<Arc<DynamicConfig>>,
 }
 
 impl Server {
@@ -72,6 +86,28 @@ impl Server {
         let listeners = ListenerManager::new(clusters.clone(), stats.clone(), Drain::new());
         let cluster_init = InitPhases::default();
         let server_init = init::Manager::new("server");
+        listeners.set_drain_time(options.drain_time);
+
+        let dynamic = match &bootstrap.dynamic {
+            None => None,
+            Some(d) => {
+                let handler =
+                    DynamicConfig::new(clusters.clone(), listeners.clone(), server_init.clone());
+                let node = bootstrap.source.node.clone().unwrap_or_default();
+                let mut config = XdsClientConfig::new(d.ads.endpoint.clone(), node);
+                config.mode = match d.ads.api {
+                    AdsApi::Sotw => XdsMode::Sotw,
+                    AdsApi::Delta => XdsMode::Delta,
+                };
+                let client = XdsClient::new(config, handler.clone())
+                    .context("dynamic_resources.ads_config")?;
+                handler.set_client(client);
+                clusters.set_eds_source(handler.clone());
+                listeners.set_rds_source(handler.clone());
+                stats.register(Arc::new(ClientStats(Arc::downgrade(&handler))));
+                Some(handler)
+            }
+        };
 
         clusters
             .add_static_clusters(&bootstrap.clusters, &cluster_init)
@@ -111,17 +147,25 @@ impl Server {
             cluster_init,
             server_init,
             loaded_at: SystemTime::now(),
+            dynamic,
         }))
     }
 
     /// Every init manager in sequence order, for `/init_dump`.
-    pub fn init_managers(&self) -> [&init::Manager; 4] {
+    pub fn init_managers(&self) -> [&init::Manager; 6] {
         [
             &self.cluster_init.primary,
             &self.cluster_init.secondary,
+            &self.clusters.cds_init.primary,
+            &self.clusters.cds_init.secondary,
             &self.cluster_init.health_check,
             &self.server_init,
         ]
+    }
+
+    /// The xDS client, when there is one.
+    pub fn xds(&self) -> Option<&XdsClient> {
+        self.dynamic.as_ref().and_then(|d| d.client())
     }
 
     /// Runs until shut down: admin up, initialization, LIVE, then drain on request.
@@ -152,6 +196,16 @@ impl Server {
             admin,
             admin::Scope::ReadinessOnly,
         ));
+
+        if let (Some(client), Some(d)) = (self.xds(), &self.bootstrap.dynamic) {
+            if d.cds.is_some() {
+                client.subscribe(CLUSTER_TYPE, SubscriptionNames::Wildcard);
+            }
+            let status = self.status.clone();
+            tokio::spawn(client.clone().run(async move {
+                status.shutdown_requested().await;
+            }));
+        }
 
         tokio::select! {
             initialized = self.initialize() => initialized?,
@@ -184,11 +238,37 @@ impl Server {
         self.cluster_init.primary.initialize().wait().await;
         tracing::info!("cluster manager: secondary (EDS) clusters initializing");
         self.cluster_init.secondary.initialize().wait().await;
-        // CDS would be waited for here, then its clusters' primary and secondary phases.
+        let dynamic = self.bootstrap.dynamic.as_ref().zip(self.xds());
+        if let Some((d, client)) = dynamic
+            && d.cds.is_some()
+        {
+            tracing::info!("CDS: waiting for the first response");
+            let outcome = client
+                .initial_fetch_with_timeout(CLUSTER_TYPE, fetch_timeout(d.cds))
+                .await;
+            tracing::info!(
+                ?outcome,
+                "CDS: initial fetch ended; CDS clusters initializing"
+            );
+            self.clusters.cds_init.primary.initialize().wait().await;
+            self.clusters.cds_init.secondary.initialize().wait().await;
+        }
         tracing::info!("cluster manager: health check round");
         self.cluster_init.health_check.initialize().wait().await;
         tracing::info!("cluster manager initialized; listeners warming");
         self.status.set_progress(InitProgress::Initializing);
+        // RDS for static listeners starts now, with LDS.
+        self.listeners.start_rds();
+        if let Some((d, client)) = dynamic
+            && d.lds.is_some()
+        {
+            client.subscribe(LISTENER_TYPE, SubscriptionNames::Wildcard);
+            tracing::info!("LDS: waiting for the first response");
+            let outcome = client
+                .initial_fetch_with_timeout(LISTENER_TYPE, fetch_timeout(d.lds))
+                .await;
+            tracing::info!(?outcome, "LDS: initial fetch ended");
+        }
         self.server_init.initialize().wait().await;
         self.listeners
             .start_workers()
