@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod fixtures;
 pub mod process;
 
 /// Polls `check` every 50 ms until it returns `Some`, or panics with `what` after `timeout`.

@@ -242,5 +242,98 @@ pub fn start_envoy(
     })
 }
 
+/// Starts `capstan-proxy` with the same kind of bootstrap as [`start_envoy`] (it reads Envoy
+/// bootstraps unchanged).
+pub fn start_capstan_proxy(
+    node_id: &str,
+    workload: &str,
+    xds: SocketAddr,
+    mode: AdsMode,
+    work: &Path,
+) -> Envoy {
+    let admin_port = free_port();
+    let bootstrap = work.join(format!("capstan-proxy-{node_id}.yaml"));
+    std::fs::write(
+        &bootstrap,
+        envoy_bootstrap(node_id, workload, xds, admin_port, mode),
+    )
+    .expect("write bootstrap");
+    let mut cmd = Command::new(workspace_bin("capstan-proxy", "capstan-proxy"));
+    cmd.arg("-c")
+        .arg(&bootstrap)
+        .args([
+            "--concurrency",
+            "1",
+            "--log-level",
+            "warn",
+            "--drain-time-s",
+            "1",
+        ])
+        .args(["--readiness-address", &format!("127.0.0.1:{}", free_port())]);
+    Envoy {
+        proc: spawn(&format!("capstan-proxy-{node_id}"), cmd, work),
+        admin: ([127, 0, 0, 1], admin_port).into(),
+    }
+}
+
+/// The sidecar's outbound listener, fixed at `127.0.0.1:15001` by the control plane.
+pub const OUTBOUND: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15001);
+
+/// Holds `/tmp/capstan-15001.lock` while a test uses the fixed outbound port, so tests in
+/// different binaries or runners never share it (the proxy crate's tests take the same lock).
+/// A lock older than two minutes was left by a killed test and is broken.
+pub struct OutboundPortLock(PathBuf);
+
+impl OutboundPortLock {
+    pub fn acquire() -> Self {
+        let path = PathBuf::from("/tmp/capstan-15001.lock");
+        let deadline = std::time::Instant::now() + Duration::from_secs(180);
+        loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(_) => return Self(path),
+                Err(_) if std::time::Instant::now() > deadline => {
+                    panic!("{} is held for too long", path.display())
+                }
+                Err(_) => {
+                    let stale = std::fs::metadata(&path)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age > Duration::from_secs(120));
+                    if stale {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for OutboundPortLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Waits until a proxy's admin `/ready` answers `LIVE`.
+pub async fn wait_live(admin: SocketAddr) -> bool {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(r) = crate::client::get(admin, "admin", "/ready").await
+            && r.body.trim() == "LIVE"
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 /// How long to wait for things that should happen "at once" on a loaded CI machine.
 pub const PATIENCE: Duration = Duration::from_secs(20);

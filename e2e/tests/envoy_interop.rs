@@ -4,97 +4,13 @@
 //! Needs `envoy` on PATH (scripts/test.sh installs it). Under `CI=true` a missing Envoy fails
 //! the test; elsewhere the test reports that it did not run.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use capstan_e2e::client::{get, request};
-use capstan_e2e::process::{self, AdsMode, PATIENCE};
-use capstan_e2e::{backend, eventually};
-
-const OUTBOUND: SocketAddr =
-    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15001);
-
-/// A Service on port 80 whose one endpoint is a test backend at `addr`.
-fn service(name: &str, addr: SocketAddr) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Service
-metadata: {{ name: {name}, namespace: default }}
-spec:
-  ports: [{{ name: http, port: 80, targetPort: {port} }}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-abc
-  namespace: default
-  labels: {{ kubernetes.io/service-name: {name} }}
-addressType: IPv4
-ports: [{{ name: http, port: {port} }}]
-endpoints:
-- addresses: ["{ip}"]
-  conditions: {{ ready: true }}
-  zone: zone-a
-"#,
-        port = addr.port(),
-        ip = addr.ip(),
-    )
-}
-
-const ROUTES: &str = r#"apiVersion: capstan.dev/v1alpha1
-kind: ServiceRoute
-metadata: { name: reviews, namespace: default }
-spec:
-  parentRefs: [{ name: reviews }]
-  rules:
-  - matches: [{ path: { type: Exact, value: /exact } }]
-    backendRefs: [{ name: reviews-v1, port: 80 }]
-  - matches: [{ path: { type: PathPrefix, value: /v2 } }]
-    backendRefs: [{ name: reviews-v2, port: 80 }]
-  - matches: [{ path: { type: RegularExpression, value: "^/re/[0-9]+$" } }]
-    backendRefs: [{ name: reviews-v3, port: 80 }]
-  - matches: [{ headers: [{ name: x-version, value: v3 }] }]
-    backendRefs: [{ name: reviews-v3, port: 80 }]
-  - matches: [{ queryParams: [{ name: version, value: v2 }] }]
-    backendRefs: [{ name: reviews-v2, port: 80 }]
-  - matches: [{ path: { value: /split } }]
-    backendRefs:
-    - { name: reviews-v1, port: 80, weight: 90 }
-    - { name: reviews-v2, port: 80, weight: 10 }
-  - matches: [{ path: { value: /headers } }]
-    filters:
-    - type: RequestHeaderModifier
-      requestHeaderModifier:
-        set: [{ name: x-set, value: by-route }]
-        add: [{ name: x-added, value: "yes" }]
-        remove: [x-remove-me]
-    - type: ResponseHeaderModifier
-      responseHeaderModifier:
-        add: [{ name: x-response, value: added }]
-    backendRefs: [{ name: reviews-v1, port: 80 }]
-  - matches: [{ path: { value: /old } }]
-    filters:
-    - type: RequestRedirect
-      requestRedirect:
-        path: { type: ReplacePrefixMatch, replacePrefixMatch: /new }
-        statusCode: 302
-  - matches: [{ path: { value: /rewrite } }]
-    filters:
-    - type: URLRewrite
-      urlRewrite:
-        hostname: rewritten.example
-        path: { type: ReplacePrefixMatch, replacePrefixMatch: /rewritten }
-    backendRefs: [{ name: reviews-v1, port: 80 }]
-  - backendRefs: [{ name: reviews, port: 80 }]
-"#;
-
-fn details_route(backend: &str) -> String {
-    format!(
-        "apiVersion: capstan.dev/v1alpha1\nkind: ServiceRoute\nmetadata: {{ name: details, namespace: default }}\nspec:\n  parentRefs: [{{ name: details }}]\n  rules:\n  - backendRefs: [{{ name: {backend}, port: 80 }}]\n"
-    )
-}
+use capstan_e2e::eventually;
+use capstan_e2e::fixtures::{self, details_route, write};
+use capstan_e2e::process::{self, AdsMode, OUTBOUND, PATIENCE};
 
 /// A route with a broken regular expression: reported, and it must not disturb the rest.
 const BROKEN: &str = r#"apiVersion: capstan.dev/v1alpha1
@@ -105,13 +21,6 @@ spec:
   rules:
   - matches: [{ path: { type: RegularExpression, value: "([" } }]
 "#;
-
-fn write(dir: &Path, name: &str, text: &str) {
-    // Write-then-rename so the watcher never sees half a file.
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).expect("write");
-    std::fs::rename(&tmp, dir.join(name)).expect("rename");
-}
 
 async fn envoy_state(admin: SocketAddr) -> Option<String> {
     let r = get(admin, "admin", "/ready").await.ok()?;
@@ -131,6 +40,7 @@ async fn envoy_routes_by_service_routes_over_sotw_and_delta_ads() {
         eprintln!("NOT RUN: envoy is not on PATH (run scripts/test.sh to install it)");
         return;
     }
+    let _port = process::OutboundPortLock::acquire();
     for mode in [AdsMode::StateOfTheWorld, AdsMode::Delta] {
         scenario(mode).await;
     }
@@ -140,21 +50,7 @@ async fn scenario(mode: AdsMode) {
     let work = process::temp_dir("interop");
     let config = work.join("config");
     std::fs::create_dir_all(&config).expect("mkdir");
-    let mut backends = BTreeMap::new();
-    for name in [
-        "reviews",
-        "reviews-v1",
-        "reviews-v2",
-        "reviews-v3",
-        "details",
-        "details-v2",
-    ] {
-        let addr = backend::start(name).await;
-        backends.insert(name, addr);
-        write(&config, &format!("svc-{name}.yaml"), &service(name, addr));
-    }
-    write(&config, "routes.yaml", ROUTES);
-    write(&config, "details-route.yaml", &details_route("details"));
+    fixtures::routing_fixture(&config).await;
     write(&config, "broken.yaml", BROKEN);
 
     let cp = process::start_control_plane(&config, &work);
