@@ -201,7 +201,16 @@ pub async fn run(
         stopped(),
     ));
     let admin_task = tokio::spawn(crate::admin::serve(admin_listener, admin, stopped()));
-    let xds_task = tokio::spawn(server.serve(xds_listener, stopped()));
+    // xDS is served only once the provider has loaded everything: a proxy that connects (or
+    // reconnects after a restart) before that would be sent an incomplete snapshot and drop
+    // clusters and routes it is using. Until then its connection waits in the listen backlog.
+    let mut synced = store.subscribe();
+    let xds_task = tokio::spawn(async move {
+        if synced.wait_for(|s| s.synced).await.is_err() {
+            return Ok(());
+        }
+        server.serve(xds_listener, stopped()).await
+    });
 
     shutdown.await;
     tracing::info!("shutting down");

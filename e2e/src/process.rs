@@ -61,7 +61,13 @@ pub fn temp_dir(prefix: &str) -> PathBuf {
     dir
 }
 
-/// The path of a workspace binary, building it if needed.
+/// The path of a workspace binary, building it if it is missing.
+///
+/// `cargo test --workspace` (scripts/test.sh) builds every binary before any test runs; when
+/// running this crate's tests alone after changing another crate, build that crate first, or
+/// the test runs its previous binary. (Building here unconditionally would be worse: a
+/// per-package build resolves features differently from the workspace test build and
+/// recompiles half the dependency tree.)
 pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
     // Test executables live in target/<profile>/deps; binaries one level up.
     let exe = std::env::current_exe().expect("current exe");
@@ -112,6 +118,17 @@ pub struct ControlPlane {
 pub fn start_control_plane(config_dir: &Path, work: &Path) -> ControlPlane {
     let xds: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    start_control_plane_on(config_dir, work, xds, admin)
+}
+
+/// Starts `capstan-control-plane` on `config_dir` with the given ports (a restarted control
+/// plane comes back where its proxies expect it).
+pub fn start_control_plane_on(
+    config_dir: &Path,
+    work: &Path,
+    xds: SocketAddr,
+    admin: SocketAddr,
+) -> ControlPlane {
     let mut cmd = Command::new(workspace_bin(
         "capstan-control-plane",
         "capstan-control-plane",
