@@ -37,6 +37,11 @@ pub struct ClusterStats {
     pub upstream_rq: CodeStats,
     pub upstream_rq_active: Gauge,
     pub upstream_rq_timeout: Counter,
+    pub upstream_rq_retry: Counter,
+    pub upstream_rq_retry_success: Counter,
+    pub upstream_rq_retry_overflow: Counter,
+    pub upstream_rq_retry_limit_exceeded: Counter,
+    pub upstream_rq_per_try_timeout: Counter,
     pub upstream_cx_total: Counter,
     pub upstream_cx_active: Gauge,
     pub upstream_cx_connect_fail: Counter,
@@ -57,6 +62,11 @@ impl Default for ClusterStats {
             upstream_rq: CodeStats::new(true),
             upstream_rq_active: Gauge::default(),
             upstream_rq_timeout: Counter::default(),
+            upstream_rq_retry: Counter::default(),
+            upstream_rq_retry_success: Counter::default(),
+            upstream_rq_retry_overflow: Counter::default(),
+            upstream_rq_retry_limit_exceeded: Counter::default(),
+            upstream_rq_per_try_timeout: Counter::default(),
             upstream_cx_total: Counter::default(),
             upstream_cx_active: Gauge::default(),
             upstream_cx_connect_fail: Counter::default(),
@@ -325,6 +335,27 @@ impl Source for Cluster {
         s.upstream_rq.collect(&scope, "upstream_rq", out);
         scope.gauge("upstream_rq_active", s.upstream_rq_active.get(), out);
         scope.counter("upstream_rq_timeout", s.upstream_rq_timeout.get(), out);
+        scope.counter("upstream_rq_retry", s.upstream_rq_retry.get(), out);
+        scope.counter(
+            "upstream_rq_retry_success",
+            s.upstream_rq_retry_success.get(),
+            out,
+        );
+        scope.counter(
+            "upstream_rq_retry_overflow",
+            s.upstream_rq_retry_overflow.get(),
+            out,
+        );
+        scope.counter(
+            "upstream_rq_retry_limit_exceeded",
+            s.upstream_rq_retry_limit_exceeded.get(),
+            out,
+        );
+        scope.counter(
+            "upstream_rq_per_try_timeout",
+            s.upstream_rq_per_try_timeout.get(),
+            out,
+        );
         scope.counter("upstream_cx_total", s.upstream_cx_total.get(), out);
         scope.gauge("upstream_cx_active", s.upstream_cx_active.get(), out);
         scope.counter(

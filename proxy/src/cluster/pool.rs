@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+
+use crate::http::body::RequestBody;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
@@ -50,8 +52,8 @@ pub struct Pool {
     settings: PoolSettings,
     host_stats: Arc<HostStats>,
     cluster_stats: Arc<ClusterStats>,
-    idle: Mutex<Vec<http1::SendRequest<Incoming>>>,
-    h2: Mutex<Option<http2::SendRequest<Incoming>>>,
+    idle: Mutex<Vec<http1::SendRequest<RequestBody>>>,
+    h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -66,7 +68,7 @@ impl std::fmt::Debug for Pool {
 /// An HTTP/1.1 connection lent to one request; give it back with [`Self::release`] once the
 /// response body is complete, or drop it to close the connection.
 pub struct Http1Connection {
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<RequestBody>,
     pool: Arc<Pool>,
 }
 
@@ -108,7 +110,7 @@ impl Pool {
     /// headers.
     pub async fn send(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
     ) -> Result<PoolResponse, UpstreamError> {
         match self.settings.protocol {
             UpstreamProtocol::Http1 => self.send_http1(req).await,
@@ -118,7 +120,7 @@ impl Pool {
 
     async fn send_http1(
         self: &Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
     ) -> Result<PoolResponse, UpstreamError> {
         loop {
             let (mut sender, reused) = match self.checkout_http1().await {
@@ -144,7 +146,7 @@ impl Pool {
         }
     }
 
-    async fn checkout_http1(&self) -> Option<http1::SendRequest<Incoming>> {
+    async fn checkout_http1(&self) -> Option<http1::SendRequest<RequestBody>> {
         loop {
             let candidate = lock(&self.idle).pop();
             let mut sender = candidate?;
@@ -157,10 +159,32 @@ impl Pool {
         }
     }
 
-    async fn connect_http1(&self) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+    /// Sends an HTTP/1.1 upgrade request (WebSocket) on a connection of its own, never pooled:
+    /// after a `101` the connection belongs to the upgraded stream.
+    pub async fn send_upgrade(
+        &self,
+        req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let io = self.connect_tcp().await?;
+        let (mut sender, conn) = http1::Builder::new()
+            .handshake::<_, RequestBody>(io)
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        self.cluster_stats.upstream_cx_http1_total.inc();
+        let guard = self.connection_guard();
+        tokio::spawn(async move {
+            let _guard = guard;
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream upgrade connection ended with an error");
+            }
+        });
+        sender.send_request(req).await.map_err(UpstreamError::Reset)
+    }
+
+    async fn connect_http1(&self) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
         let io = self.connect_tcp().await?;
         let (sender, conn) = http1::Builder::new()
-            .handshake::<_, Incoming>(io)
+            .handshake::<_, RequestBody>(io)
             .await
             .map_err(UpstreamError::Handshake)?;
         self.cluster_stats.upstream_cx_http1_total.inc();
@@ -176,7 +200,7 @@ impl Pool {
 
     async fn send_http2(
         self: &Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
     ) -> Result<PoolResponse, UpstreamError> {
         let mut fresh = false;
         loop {
@@ -211,10 +235,10 @@ impl Pool {
         }
     }
 
-    async fn connect_http2(&self) -> Result<http2::SendRequest<Incoming>, UpstreamError> {
+    async fn connect_http2(&self) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
         let io = self.connect_tcp().await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .handshake::<_, Incoming>(io)
+            .handshake::<_, RequestBody>(io)
             .await
             .map_err(UpstreamError::Handshake)?;
         self.cluster_stats.upstream_cx_http2_total.inc();

@@ -55,6 +55,8 @@ pub struct HttpConnectionManager {
     pub strip_port: StripPort,
     /// The router filter's `suppress_envoy_headers`.
     pub suppress_envoy_headers: bool,
+    /// `upgrade_configs`: (lower-case upgrade type, enabled). Only `websocket` is supported.
+    pub upgrades: Vec<(String, bool)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,6 +282,29 @@ fn http_connection_manager(
         StripPort::None
     };
     let suppress_envoy_headers = router_filter(c, &path.field("http_filters"), errors);
+    let mut upgrades = Vec::new();
+    for (i, u) in c.upgrade_configs.iter().enumerate() {
+        let upath = path.field("upgrade_configs").index(i);
+        let kind = u.upgrade_type.to_ascii_lowercase();
+        if kind != "websocket" {
+            errors.push(
+                &upath.field("upgrade_type"),
+                format!(
+                    "unsupported upgrade type {:?} (only websocket is supported)",
+                    u.upgrade_type
+                ),
+            );
+            continue;
+        }
+        if upgrades.iter().any(|(k, _)| *k == kind) {
+            errors.push(
+                &upath.field("upgrade_type"),
+                format!("duplicate upgrade {kind}"),
+            );
+            continue;
+        }
+        upgrades.push((kind, u.enabled.as_ref().is_none_or(|e| e.value)));
+    }
     let rpath = path.field("route_config");
     let route = match &c.route_specifier {
         Some(R::RouteConfig(rc)) => Some(RouteSpecifier::Static(Arc::new(route::translate(
@@ -329,6 +354,7 @@ fn http_connection_manager(
         generate_request_id: c.generate_request_id.map(|v| v.value).unwrap_or(true),
         strip_port,
         suppress_envoy_headers,
+        upgrades,
     })
 }
 
@@ -422,6 +448,48 @@ filter_chains:
         assert!(h.suppress_envoy_headers);
         assert!(h.generate_request_id);
         assert_eq!(h.server_name, "envoy");
+    }
+
+    #[test]
+    fn websocket_is_the_only_upgrade_type() {
+        let hcm = |upgrades: &str| {
+            format!(
+                r#"
+name: out
+address: {{ socket_address: {{ address: 127.0.0.1, port_value: 15001 }} }}
+filter_chains:
+- filters:
+  - name: envoy.filters.network.http_connection_manager
+    typed_config:
+      "@type": {HCM}
+      stat_prefix: outbound
+      upgrade_configs: {upgrades}
+      http_filters:
+      - name: envoy.filters.http.router
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+      route_config:
+        virtual_hosts:
+        - name: all
+          domains: ["*"]
+          routes: [{{ match: {{ prefix: / }}, route: {{ cluster: web }} }}]
+"#
+            )
+        };
+        let l = listener(&hcm("[{ upgrade_type: WebSocket }]")).expect("valid");
+        let NetworkFilter::HttpConnectionManager(h) = &l.filter_chain.filter;
+        assert_eq!(h.upgrades, vec![("websocket".to_string(), true)]);
+        let errs = listener(&hcm(
+            "[{ upgrade_type: websocket, enabled: false }, { upgrade_type: CONNECT }]",
+        ))
+        .expect_err("invalid");
+        assert_eq!(
+            errs,
+            vec![
+                "listener.filter_chains[0].filters[0].typed_config.upgrade_configs[1].upgrade_type: unsupported upgrade type \"CONNECT\" (only websocket is supported)"
+                    .to_string()
+            ]
+        );
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub struct VirtualHost {
     pub routes: Vec<Route>,
     pub request_headers: HeaderMutations,
     pub response_headers: HeaderMutations,
+    /// Used by routes that have no retry policy of their own.
+    pub retry_policy: Option<RetryPolicy>,
 }
 
 #[derive(Debug, Clone)]
@@ -149,6 +151,180 @@ pub struct RouteAction {
     pub host_rewrite: Option<HeaderValue>,
     /// `None`: no timeout (`timeout: 0s`).
     pub timeout: Option<Duration>,
+    /// Overrides the virtual host's policy entirely, as in Envoy.
+    pub retry_policy: Option<RetryPolicy>,
+    pub mirrors: Vec<MirrorPolicy>,
+    /// Route-level `upgrade_configs`: (lower-case upgrade type, enabled); they override the
+    /// connection manager's.
+    pub upgrades: Vec<(String, bool)>,
+}
+
+/// One of a route's `request_mirror_policies`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorPolicy {
+    pub cluster: String,
+    /// The share of requests mirrored: `numerator / denominator`.
+    pub numerator: u64,
+    pub denominator: u64,
+    /// `disable_shadow_host_suffix_append`: keep the host as it is.
+    pub keep_host: bool,
+}
+
+fn mirror_policy(
+    m: &pb::route_action::RequestMirrorPolicy,
+    check_known: &dyn Fn(&str, &Path, &mut Errors),
+    path: &Path,
+    errors: &mut Errors,
+) -> Option<MirrorPolicy> {
+    use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType;
+    if m.cluster.is_empty() {
+        errors.push(&path.field("cluster"), "required");
+        return None;
+    }
+    check_known(&m.cluster, &path.field("cluster"), errors);
+    let (numerator, denominator) = match m
+        .runtime_fraction
+        .as_ref()
+        .and_then(|f| f.default_value.as_ref())
+    {
+        None => (100, 100),
+        Some(f) => {
+            let denominator = match DenominatorType::try_from(f.denominator) {
+                Ok(DenominatorType::Hundred) => 100,
+                Ok(DenominatorType::TenThousand) => 10_000,
+                Ok(DenominatorType::Million) => 1_000_000,
+                Err(_) => {
+                    errors.push(
+                        &path
+                            .field("runtime_fraction")
+                            .field("default_value")
+                            .field("denominator"),
+                        format!("unknown value {}", f.denominator),
+                    );
+                    100
+                }
+            };
+            (u64::from(f.numerator).min(denominator), denominator)
+        }
+    };
+    Some(MirrorPolicy {
+        cluster: m.cluster.clone(),
+        numerator,
+        denominator,
+        keep_host: m.disable_shadow_host_suffix_append,
+    })
+}
+
+/// The `retry_on` conditions the proxy implements.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetryOn {
+    pub five_xx: bool,
+    pub gateway_error: bool,
+    pub reset: bool,
+    pub connect_failure: bool,
+    pub retriable_status_codes: bool,
+}
+
+/// Envoy's `RetryPolicy`, for the supported subset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub retry_on: RetryOn,
+    pub num_retries: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub retriable_status_codes: Vec<u16>,
+    pub base_interval: Duration,
+    pub max_interval: Duration,
+}
+
+/// Envoy's default retry back-off base interval.
+pub const DEFAULT_RETRY_BASE_INTERVAL: Duration = Duration::from_millis(25);
+
+fn retry_policy(p: &pb::RetryPolicy, path: &Path, errors: &mut Errors) -> RetryPolicy {
+    let mut retry_on = RetryOn::default();
+    for value in p
+        .retry_on
+        .split(',')
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+    {
+        match value {
+            "5xx" => retry_on.five_xx = true,
+            "gateway-error" => retry_on.gateway_error = true,
+            "reset" => retry_on.reset = true,
+            "connect-failure" => retry_on.connect_failure = true,
+            "retriable-status-codes" => retry_on.retriable_status_codes = true,
+            other => errors.push(
+                &path.field("retry_on"),
+                format!(
+                    "unsupported retry condition {other:?} (supported: 5xx, gateway-error, reset, connect-failure, retriable-status-codes)"
+                ),
+            ),
+        }
+    }
+    let mut retriable_status_codes = Vec::new();
+    for (i, code) in p.retriable_status_codes.iter().enumerate() {
+        match u16::try_from(*code) {
+            Ok(c) if (100..600).contains(&c) => retriable_status_codes.push(c),
+            _ => errors.push(
+                &path.field("retriable_status_codes").index(i),
+                format!("{code} is not a status code"),
+            ),
+        }
+    }
+    let per_try_timeout = match &p.per_try_timeout {
+        None => None,
+        Some(d) => match duration(d) {
+            Some(d) if d.is_zero() => None,
+            Some(d) => Some(d),
+            None => {
+                errors.push(&path.field("per_try_timeout"), "must not be negative");
+                None
+            }
+        },
+    };
+    let (base_interval, max_interval) = match &p.retry_back_off {
+        None => (
+            DEFAULT_RETRY_BASE_INTERVAL,
+            DEFAULT_RETRY_BASE_INTERVAL * 10,
+        ),
+        Some(b) => {
+            let bpath = path.field("retry_back_off");
+            let base = match b.base_interval.as_ref().map(duration) {
+                Some(Some(d)) if !d.is_zero() => d,
+                Some(_) => {
+                    errors.push(&bpath.field("base_interval"), "must be greater than 0");
+                    DEFAULT_RETRY_BASE_INTERVAL
+                }
+                None => {
+                    errors.push(&bpath.field("base_interval"), "required");
+                    DEFAULT_RETRY_BASE_INTERVAL
+                }
+            };
+            let max = match b.max_interval.as_ref().map(duration) {
+                None => base * 10,
+                Some(Some(d)) if !d.is_zero() => d,
+                Some(_) => {
+                    errors.push(&bpath.field("max_interval"), "must be greater than 0");
+                    base * 10
+                }
+            };
+            if max < base {
+                errors.push(
+                    &bpath.field("max_interval"),
+                    "max_interval must be greater than or equal to the base_interval",
+                );
+            }
+            (base, max)
+        }
+    };
+    RetryPolicy {
+        retry_on,
+        num_retries: p.num_retries.as_ref().map_or(1, |n| n.value),
+        per_try_timeout,
+        retriable_status_codes,
+        base_interval,
+        max_interval,
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -361,10 +537,15 @@ fn virtual_host(
         .enumerate()
         .filter_map(|(i, r)| route(r, known, max_body, &path.field("routes").index(i), errors))
         .collect();
+    let retry_policy = vh
+        .retry_policy
+        .as_ref()
+        .map(|p| retry_policy(p, &path.field("retry_policy"), errors));
     VirtualHost {
         name: vh.name.clone(),
         domains,
         routes,
+        retry_policy,
         request_headers: header_mutations(
             &vh.request_headers_to_add,
             &vh.request_headers_to_remove,
@@ -782,6 +963,38 @@ fn route_action(
             }
         },
     };
+    let retry_policy = a
+        .retry_policy
+        .as_ref()
+        .map(|p| retry_policy(p, &path.field("retry_policy"), errors));
+    let mirrors = a
+        .request_mirror_policies
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| {
+            mirror_policy(
+                m,
+                &check_known,
+                &path.field("request_mirror_policies").index(i),
+                errors,
+            )
+        })
+        .collect();
+    let mut upgrades = Vec::new();
+    for (i, u) in a.upgrade_configs.iter().enumerate() {
+        let kind = u.upgrade_type.to_ascii_lowercase();
+        if kind != "websocket" {
+            errors.push(
+                &path.field("upgrade_configs").index(i).field("upgrade_type"),
+                format!(
+                    "unsupported upgrade type {:?} (only websocket is supported)",
+                    u.upgrade_type
+                ),
+            );
+            continue;
+        }
+        upgrades.push((kind, u.enabled.as_ref().is_none_or(|e| e.value)));
+    }
     Some(RouteAction {
         cluster: cluster?,
         cluster_not_found_response_code,
@@ -789,6 +1002,9 @@ fn route_action(
         regex_rewrite,
         host_rewrite,
         timeout,
+        retry_policy,
+        mirrors,
+        upgrades,
     })
 }
 
@@ -1157,6 +1373,122 @@ virtual_hosts:
     }
 
     #[test]
+    fn retry_policies_take_envoy_defaults() {
+        let rc = route_config(
+            r#"
+virtual_hosts:
+- name: a
+  domains: ["*"]
+  retry_policy: { retry_on: "5xx, gateway-error", retry_back_off: { base_interval: 0.1s } }
+  routes:
+  - match: { prefix: /x }
+    route:
+      cluster: web
+      retry_policy:
+        retry_on: reset,connect-failure,retriable-status-codes
+        retriable_status_codes: [409]
+        num_retries: 3
+        per_try_timeout: 0.25s
+        retry_back_off: { base_interval: 0.01s, max_interval: 0.05s }
+      request_mirror_policies:
+      - cluster: web
+      - cluster: web
+        runtime_fraction: { default_value: { numerator: 5, denominator: TEN_THOUSAND } }
+        disable_shadow_host_suffix_append: true
+      upgrade_configs: [{ upgrade_type: WebSocket, enabled: false }]
+"#,
+            &["web"],
+        )
+        .expect("valid");
+        let vh = &rc.virtual_hosts[0];
+        let p = vh.retry_policy.as_ref().expect("vhost policy");
+        assert!(p.retry_on.five_xx && p.retry_on.gateway_error && !p.retry_on.reset);
+        assert_eq!(p.num_retries, 1);
+        assert_eq!(p.per_try_timeout, None);
+        assert_eq!(p.base_interval, Duration::from_millis(100));
+        assert_eq!(p.max_interval, Duration::from_secs(1));
+        let Action::Route(a) = &vh.routes[0].action else {
+            panic!("route action");
+        };
+        let p = a.retry_policy.as_ref().expect("route policy");
+        assert_eq!(
+            p.retry_on,
+            RetryOn {
+                reset: true,
+                connect_failure: true,
+                retriable_status_codes: true,
+                ..RetryOn::default()
+            }
+        );
+        assert_eq!(p.retriable_status_codes, vec![409]);
+        assert_eq!(p.num_retries, 3);
+        assert_eq!(p.per_try_timeout, Some(Duration::from_millis(250)));
+        assert_eq!(p.base_interval, Duration::from_millis(10));
+        assert_eq!(p.max_interval, Duration::from_millis(50));
+        assert_eq!(
+            a.mirrors,
+            vec![
+                MirrorPolicy {
+                    cluster: "web".into(),
+                    numerator: 100,
+                    denominator: 100,
+                    keep_host: false,
+                },
+                MirrorPolicy {
+                    cluster: "web".into(),
+                    numerator: 5,
+                    denominator: 10_000,
+                    keep_host: true,
+                },
+            ]
+        );
+        assert_eq!(a.upgrades, vec![("websocket".to_string(), false)]);
+    }
+
+    #[test]
+    fn unimplemented_retry_mirror_and_upgrade_settings_are_rejected() {
+        let errs = route_config(
+            r#"
+virtual_hosts:
+- name: a
+  domains: ["*"]
+  include_request_attempt_count: true
+  request_mirror_policies: [{ cluster: web }]
+  routes:
+  - match: { prefix: / }
+    route:
+      cluster: web
+      retry_policy:
+        retry_on: refused-stream
+        retry_host_predicate: [{ name: envoy.retry_host_predicates.previous_hosts }]
+        retry_back_off: { base_interval: 1s, max_interval: 0.5s }
+      request_mirror_policies:
+      - { cluster: nope, runtime_fraction: { runtime_key: k, default_value: { numerator: 1 } } }
+      upgrade_configs: [{ upgrade_type: CONNECT }]
+"#,
+            &["web"],
+        )
+        .expect_err("invalid");
+        let expected = [
+            "route_config.virtual_hosts[0].include_request_attempt_count: unsupported field",
+            "route_config.virtual_hosts[0].request_mirror_policies: unsupported field (request mirroring is supported on routes only (route.request_mirror_policies))",
+            "route_config.virtual_hosts[0].routes[0].route.retry_policy.retry_host_predicate: unsupported field",
+            "route_config.virtual_hosts[0].routes[0].route.request_mirror_policies[0].runtime_fraction.runtime_key: unsupported field",
+            "route_config.virtual_hosts[0].routes[0].route.retry_policy.retry_on: unsupported retry condition \"refused-stream\" (supported: 5xx, gateway-error, reset, connect-failure, retriable-status-codes)",
+            "route_config.virtual_hosts[0].routes[0].route.retry_policy.retry_back_off.max_interval: max_interval must be greater than or equal to the base_interval",
+            "route_config.virtual_hosts[0].routes[0].route.request_mirror_policies[0].cluster: unknown cluster \"nope\"",
+            "route_config.virtual_hosts[0].routes[0].route.upgrade_configs[0].upgrade_type: unsupported upgrade type \"CONNECT\" (only websocket is supported)",
+        ];
+        for e in expected {
+            assert!(
+                errs.iter().any(|x| x.starts_with(e)),
+                "missing {e:?} in {errs:#?}"
+            );
+        }
+        assert_eq!(errs.len(), expected.len(), "{errs:#?}");
+    }
+
+    #[test]
     fn bad_routes_are_all_reported() {
         let errs = route_config(
             r#"
@@ -1169,7 +1501,7 @@ virtual_hosts:
   - match: { prefix: / }
     route:
       weighted_clusters: { clusters: [{ name: web, weight: 0 }] }
-      retry_policy: { retry_on: 5xx }
+      retry_policy: { retry_on: "5xx,retriable-4xx" }
   - match: { prefix: / }
     direct_response: { status: 99 }
     request_headers_to_add: [{ header: { key: x-a, value: "%REQ(x)%" } }]
@@ -1182,7 +1514,7 @@ virtual_hosts:
         )
         .expect_err("invalid");
         let expected = [
-            "route_config.virtual_hosts[0].routes[1].route.retry_policy: unsupported field (retries are not implemented yet)",
+            "route_config.virtual_hosts[0].routes[1].route.retry_policy.retry_on: unsupported retry condition \"retriable-4xx\" (supported: 5xx, gateway-error, reset, connect-failure, retriable-status-codes)",
             "route_config.virtual_hosts[0].routes[0].match.safe_regex.regex: invalid regex \"(\": unclosed group",
             "route_config.virtual_hosts[0].routes[0].route.cluster: unknown cluster \"missing\"",
             "route_config.virtual_hosts[0].routes[1].route.weighted_clusters.clusters: the sum of weights must be greater than 0",

@@ -162,7 +162,16 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "generate_request_id",
             "strip_matching_host_port",
             "strip_any_host_port",
+            "upgrade_configs",
         ],
+    ),
+    (
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.UpgradeConfig",
+        &["upgrade_type", "enabled"],
+    ),
+    (
+        "envoy.config.route.v3.RouteAction.UpgradeConfig",
+        &["upgrade_type", "enabled"],
     ),
     (
         "envoy.extensions.filters.network.http_connection_manager.v3.Rds",
@@ -202,6 +211,7 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "response_headers_to_add",
             "response_headers_to_remove",
             "metadata",
+            "retry_policy",
         ],
     ),
     (
@@ -285,7 +295,40 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "regex_rewrite",
             "host_rewrite_literal",
             "timeout",
+            "retry_policy",
+            "request_mirror_policies",
+            "upgrade_configs",
         ],
+    ),
+    (
+        "envoy.config.route.v3.RouteAction.RequestMirrorPolicy",
+        &[
+            "cluster",
+            "runtime_fraction",
+            "disable_shadow_host_suffix_append",
+        ],
+    ),
+    (
+        "envoy.config.core.v3.RuntimeFractionalPercent",
+        &["default_value"],
+    ),
+    (
+        "envoy.type.v3.FractionalPercent",
+        &["numerator", "denominator"],
+    ),
+    (
+        "envoy.config.route.v3.RetryPolicy",
+        &[
+            "retry_on",
+            "num_retries",
+            "per_try_timeout",
+            "retriable_status_codes",
+            "retry_back_off",
+        ],
+    ),
+    (
+        "envoy.config.route.v3.RetryPolicy.RetryBackOff",
+        &["base_interval", "max_interval"],
     ),
     (
         "envoy.config.route.v3.WeightedCluster",
@@ -359,14 +402,13 @@ const HINTS: &[(&str, &str)] = &[
         "circuit breakers are not implemented yet",
     ),
     ("transport_socket", "TLS is not implemented yet"),
-    ("retry_policy", "retries are not implemented yet"),
     (
         "request_mirror_policies",
-        "request mirroring is not implemented yet",
+        "request mirroring is supported on routes only (route.request_mirror_policies)",
     ),
     (
         "upgrade_configs",
-        "upgrades (WebSocket) are not implemented yet",
+        "only HTTP/1.1 WebSocket upgrades are implemented",
     ),
     ("access_log", "access logs are not implemented yet"),
     (

@@ -183,3 +183,122 @@ impl UpstreamBody {
         }
     }
 }
+
+/// A request body on its way upstream: streamed through, or replayed from a buffer (retries,
+/// mirrors), or a buffered prefix followed by the rest of the stream (a body too large to
+/// retry).
+pub enum RequestBody {
+    Streaming(Incoming),
+    Buffered {
+        data: Option<Bytes>,
+        trailers: Option<http::HeaderMap>,
+    },
+    Prefixed {
+        prefix: Option<Bytes>,
+        rest: Incoming,
+    },
+}
+
+impl RequestBody {
+    pub fn buffered(data: Bytes, trailers: Option<http::HeaderMap>) -> Self {
+        RequestBody::Buffered {
+            data: (!data.is_empty()).then_some(data),
+            trailers,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RequestBody::Streaming(incoming) => Pin::new(incoming)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+            RequestBody::Buffered { data, trailers } => {
+                if let Some(d) = data.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
+            RequestBody::Prefixed { prefix, rest } => {
+                if let Some(d) = prefix.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Pin::new(rest)
+                    .poll_frame(cx)
+                    .map(|f| f.map(|r| r.map_err(Into::into)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Streaming(i) => i.is_end_stream(),
+            RequestBody::Buffered { data, trailers } => data.is_none() && trailers.is_none(),
+            RequestBody::Prefixed { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Streaming(i) => i.size_hint(),
+            RequestBody::Buffered { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            RequestBody::Prefixed { prefix, rest } => {
+                let p = prefix.as_ref().map_or(0, |d| d.len() as u64);
+                let r = rest.size_hint();
+                let mut h = SizeHint::new();
+                h.set_lower(r.lower() + p);
+                if let Some(u) = r.upper() {
+                    h.set_upper(u + p);
+                }
+                h
+            }
+        }
+    }
+}
+
+/// The result of reading a request body so that it can be replayed.
+pub enum Buffered {
+    /// The whole body (and trailers) fit the limit.
+    Complete(Bytes, Option<http::HeaderMap>),
+    /// The body exceeds the limit: the part read so far and the rest, to stream once.
+    TooLarge(Bytes, Incoming),
+    /// The downstream failed while sending its body.
+    Failed,
+}
+
+/// Reads `body` up to `limit` bytes, as Envoy's router buffers a request it may retry.
+pub async fn buffer_request(mut body: Incoming, limit: usize) -> Buffered {
+    use http_body_util::BodyExt as _;
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        if body.is_end_stream() {
+            return Buffered::Complete(buf.freeze(), None);
+        }
+        match body.frame().await {
+            None => return Buffered::Complete(buf.freeze(), None),
+            Some(Err(_)) => return Buffered::Failed,
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(d) => {
+                    buf.extend_from_slice(&d);
+                    if buf.len() > limit {
+                        return Buffered::TooLarge(buf.freeze(), body);
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        return Buffered::Complete(buf.freeze(), Some(t));
+                    }
+                }
+            },
+        }
+    }
+}

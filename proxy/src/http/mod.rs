@@ -15,6 +15,7 @@ pub mod body;
 pub mod headers;
 pub mod local_reply;
 pub mod proxy;
+pub mod retry;
 pub mod router;
 
 use std::convert::Infallible;
@@ -230,7 +231,7 @@ impl HttpConnectionManager {
             Codec::Http1 => builder.http1_only(),
             Codec::Http2 => builder.http2_only(),
         };
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         tokio::pin!(connection);
         let mut drain = self.drain.subscribe();
         let mut drain_open = true;

@@ -14,17 +14,22 @@ use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::body::{RequestGuards, ResponseBody, UpstreamBody};
+use super::body::{
+    Buffered, RequestBody, RequestGuards, ResponseBody, UpstreamBody, buffer_request,
+};
 use super::headers::{
     self, X_ENVOY_EXPECTED_RQ_TIMEOUT_MS, X_ENVOY_ORIGINAL_PATH, X_ENVOY_UPSTREAM_SERVICE_TIME,
     X_FORWARDED_PROTO, X_REQUEST_ID,
 };
 use super::local_reply::LocalReply;
+use super::retry::{self, TryOutcome};
 use super::router::{self, RedirectInput, RequestView, Selected};
 use super::{Connection, HttpConnectionManager, active_request};
 use crate::cluster::pool::PoolResponse;
 use crate::config::cluster::UpstreamProtocol;
-use crate::config::route::{Action, ClusterSpecifier, HeaderMutations, RouteAction, RouteConfig};
+use crate::config::route::{
+    Action, ClusterSpecifier, HeaderMutations, MirrorPolicy, RouteAction, RouteConfig,
+};
 use crate::stats::GaugeGuard;
 
 impl HttpConnectionManager {
@@ -84,9 +89,11 @@ impl HttpConnectionManager {
         guard: GaugeGuard<Arc<super::HttpStats>>,
     ) -> Response<ResponseBody> {
         let (mut parts, body) = req.into_parts();
-        if !h2 && headers::is_upgrade(&parts.headers) {
-            return LocalReply::UpgradeFailed.into_response();
-        }
+        let upgrade = if !h2 && headers::is_upgrade(&parts.headers) {
+            parts.headers.get(header::UPGRADE).cloned()
+        } else {
+            None
+        };
         let Some(authority) = authority(&parts) else {
             return LocalReply::BadRequest("missing host header").into_response();
         };
@@ -116,7 +123,18 @@ impl HttpConnectionManager {
             scheme: "http",
             headers: &parts.headers,
         };
-        let Some(selected) = router::route(&rc, &view) else {
+        let selected = router::route(&rc, &view);
+        if let Some(kind) = &upgrade {
+            let route_upgrades = match selected.map(|s| &s.route.action) {
+                Some(Action::Route(a)) => a.upgrades.as_slice(),
+                _ => &[],
+            };
+            let kind = kind.to_str().unwrap_or("");
+            if !router::upgrade_allowed(&self.config.upgrades, route_upgrades, kind) {
+                return LocalReply::UpgradeFailed.into_response();
+            }
+        }
+        let Some(selected) = selected else {
             self.stats.no_route.inc();
             return LocalReply::NoRoute.into_response();
         };
@@ -156,6 +174,10 @@ impl HttpConnectionManager {
                     selected,
                     action,
                     Forward {
+                        upgrade: upgrade.map(|kind| {
+                            let on = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+                            (kind, on)
+                        }),
                         parts,
                         body,
                         authority,
@@ -181,6 +203,7 @@ impl HttpConnectionManager {
             authority,
             path,
             guard,
+            upgrade,
         } = request;
         let Selected {
             virtual_host,
@@ -241,69 +264,311 @@ impl HttpConnectionManager {
             None => authority,
         };
         headers::remove_hop_by_hop(&mut parts.headers);
-        if let Some(t) = action.timeout
-            && !suppress
-        {
-            parts.headers.insert(
-                X_ENVOY_EXPECTED_RQ_TIMEOUT_MS.clone(),
-                HeaderValue::from(u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
-            );
+        if let Some((kind, _)) = &upgrade {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, kind.clone());
         }
-        let uri = match host.pool.protocol() {
-            UpstreamProtocol::Http1 => {
-                parts.version = Version::HTTP_11;
-                match HeaderValue::from_str(&upstream_authority) {
-                    Ok(h) => {
-                        parts.headers.insert(header::HOST, h);
-                    }
-                    Err(_) => return LocalReply::BadRequest("invalid host").into_response(),
-                }
-                upstream_path.parse::<Uri>()
-            }
-            UpstreamProtocol::Http2 => {
-                parts.version = Version::HTTP_2;
-                parts.headers.remove(header::HOST);
-                format!("http://{upstream_authority}{upstream_path}").parse::<Uri>()
-            }
-        };
-        parts.uri = match uri {
-            Ok(u) => u,
-            Err(_) => return LocalReply::BadRequest("invalid path").into_response(),
-        };
+        let mirror_parts = parts.clone();
+        if let Err(e) = set_target(
+            &mut parts,
+            host.pool.protocol(),
+            &upstream_authority,
+            &upstream_path,
+        ) {
+            return LocalReply::BadRequest(e).into_response();
+        }
 
         let cluster_stats = cluster.stats();
-        cluster_stats.upstream_rq_total.inc();
-        host.stats.rq_total.inc();
-        let guards = RequestGuards {
-            downstream: guard,
-            cluster: GaugeGuard::new(cluster_stats.clone()),
-            host: GaugeGuard::new(host.stats.clone()),
+        if let Some((kind, downstream)) = upgrade {
+            if host.pool.protocol() != UpstreamProtocol::Http1 {
+                // WebSocket over HTTP/2 upstreams (extended CONNECT) is not implemented.
+                return LocalReply::UpgradeFailed.into_response();
+            }
+            if !suppress && let Some(t) = action.timeout {
+                parts.headers.insert(
+                    X_ENVOY_EXPECTED_RQ_TIMEOUT_MS.clone(),
+                    HeaderValue::from(u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+                );
+            }
+            let deadline = action.timeout.map(|t| Instant::now() + t);
+            cluster_stats.upstream_rq_total.inc();
+            host.stats.rq_total.inc();
+            let started = StdInstant::now();
+            let send = host
+                .pool
+                .send_upgrade(Request::from_parts(parts, RequestBody::Streaming(body)));
+            let result = match deadline {
+                Some(d) => tokio::time::timeout_at(d, send).await.ok(),
+                None => Some(send.await),
+            };
+            let mut response = match result {
+                None => {
+                    cluster_stats.upstream_rq_timeout.inc();
+                    host.stats.rq_timeout.inc();
+                    cluster_stats.upstream_rq.record(504);
+                    let mut r = LocalReply::UpstreamTimeout.into_response();
+                    apply_response(rc, selected, weighted_response, &mut r);
+                    return r;
+                }
+                Some(Err(e)) => {
+                    host.stats.rq_error.inc();
+                    cluster_stats.upstream_rq.record(503);
+                    let mut r = LocalReply::UpstreamFailure(e).into_response();
+                    apply_response(rc, selected, weighted_response, &mut r);
+                    return r;
+                }
+                Some(Ok(r)) => r,
+            };
+            let status = response.status();
+            cluster_stats.upstream_rq.record(status.as_u16());
+            if status.is_server_error() {
+                host.stats.rq_error.inc();
+            } else {
+                host.stats.rq_success.inc();
+            }
+            let guards = RequestGuards {
+                downstream: guard,
+                cluster: GaugeGuard::new(cluster_stats.clone()),
+                host: GaugeGuard::new(host.stats.clone()),
+            };
+            let upstream_upgrade = (status == http::StatusCode::SWITCHING_PROTOCOLS)
+                .then(|| hyper::upgrade::on(&mut response));
+            let (mut rparts, incoming) = response.into_parts();
+            let upgraded_to = rparts.headers.get(header::UPGRADE).cloned();
+            headers::remove_hop_by_hop(&mut rparts.headers);
+            if !suppress {
+                rparts.headers.insert(
+                    X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
+                    HeaderValue::from(
+                        u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    ),
+                );
+            }
+            let mut r = match (upstream_upgrade, downstream) {
+                (Some(upstream), Some(downstream)) => {
+                    rparts
+                        .headers
+                        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    rparts
+                        .headers
+                        .insert(header::UPGRADE, upgraded_to.unwrap_or(kind));
+                    tokio::spawn(splice(downstream, upstream, deadline, guards));
+                    Response::from_parts(rparts, ResponseBody::Empty)
+                }
+                _ => {
+                    let body = UpstreamBody::new(incoming, None, deadline, guards);
+                    Response::from_parts(rparts, ResponseBody::Upstream(Box::new(body)))
+                }
+            };
+            apply_response(rc, selected, weighted_response, &mut r);
+            return r;
+        }
+        let policy = action
+            .retry_policy
+            .as_ref()
+            .or(virtual_host.retry_policy.as_ref())
+            .filter(|p| p.num_retries > 0);
+        let mirrors: Vec<&MirrorPolicy> = action
+            .mirrors
+            .iter()
+            .filter(|m| router::sampled(m.numerator, m.denominator, fastrand::u64(..)))
+            .collect();
+        // A request that may be retried or mirrored is buffered first, as Envoy's router does;
+        // one whose body exceeds the buffer limit is streamed once, neither retried nor
+        // mirrored.
+        let (mut streaming, replay, policy) = match (policy, mirrors.is_empty()) {
+            (None, true) => (Some(RequestBody::Streaming(body)), None, None),
+            _ => match buffer_request(body, RETRY_BUFFER_LIMIT).await {
+                Buffered::Complete(data, trailers) => (None, Some((data, trailers)), policy),
+                Buffered::TooLarge(prefix, rest) => (
+                    Some(RequestBody::Prefixed {
+                        prefix: Some(prefix),
+                        rest,
+                    }),
+                    None,
+                    None,
+                ),
+                Buffered::Failed => {
+                    return LocalReply::BadRequest("downstream request body failed")
+                        .into_response();
+                }
+            },
         };
-        let started = StdInstant::now();
-        let deadline = action.timeout.map(|t| Instant::now() + t);
-        let send = host.pool.send(Request::from_parts(parts, body));
-        let result = match deadline {
-            Some(d) => tokio::time::timeout_at(d, send).await.ok(),
-            None => Some(send.await),
-        };
-        let upstream = match result {
-            None => {
+        if let Some((data, trailers)) = &replay {
+            for m in mirrors {
+                let mut mp = mirror_parts.clone();
+                if !suppress
+                    && let Some(t) =
+                        expected_timeout(policy.and_then(|p| p.per_try_timeout), action.timeout)
+                {
+                    mp.headers.insert(
+                        X_ENVOY_EXPECTED_RQ_TIMEOUT_MS.clone(),
+                        HeaderValue::from(u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+                    );
+                }
+                let authority = if m.keep_host {
+                    upstream_authority.clone()
+                } else {
+                    router::shadow_host(&upstream_authority)
+                };
+                self.mirror(
+                    m,
+                    mp,
+                    authority,
+                    upstream_path.clone(),
+                    RequestBody::buffered(data.clone(), trailers.clone()),
+                    action.timeout,
+                );
+            }
+        }
+        let first_started = Instant::now();
+        let deadline = action.timeout.map(|t| first_started + t);
+        let mut host = host;
+        let mut retries_done: u32 = 0;
+        let (upstream, host, started) = loop {
+            let per_try = policy.and_then(|p| p.per_try_timeout);
+            let now = Instant::now();
+            let per_try_deadline = per_try.map(|t| now + t);
+            let try_deadline = match (deadline, per_try_deadline) {
+                (Some(d), Some(p)) => Some(d.min(p)),
+                (d, p) => d.or(p),
+            };
+            let mut try_parts = parts.clone();
+            if !suppress {
+                // Envoy's expected timeout: the per-try timeout if set, else what is left of
+                // the route timeout (elapsed time counts only on retries).
+                let elapsed = if retries_done == 0 {
+                    std::time::Duration::ZERO
+                } else {
+                    now - first_started
+                };
+                let remaining = action.timeout.map(|t| t.saturating_sub(elapsed));
+                if let Some(t) = expected_timeout(per_try, remaining) {
+                    try_parts.headers.insert(
+                        X_ENVOY_EXPECTED_RQ_TIMEOUT_MS.clone(),
+                        HeaderValue::from(u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+                    );
+                }
+            }
+            let body = match &replay {
+                Some((data, trailers)) => RequestBody::buffered(data.clone(), trailers.clone()),
+                None => match streaming.take() {
+                    Some(b) => b,
+                    None => RequestBody::buffered(bytes::Bytes::new(), None),
+                },
+            };
+            cluster_stats.upstream_rq_total.inc();
+            host.stats.rq_total.inc();
+            let started = StdInstant::now();
+            let send = host.pool.send(Request::from_parts(try_parts, body));
+            let result = match try_deadline {
+                Some(d) => tokio::time::timeout_at(d, send).await.ok(),
+                None => Some(send.await),
+            };
+            let per_try_fired = result.is_none()
+                && per_try_deadline.is_some_and(|p| deadline.is_none_or(|d| p < d));
+            let outcome = match &result {
+                None if per_try_fired => Some(TryOutcome::PerTryTimeout),
+                None => None, // the route timeout: never retried
+                Some(Err(e)) => Some(TryOutcome::from_error(e)),
+                Some(Ok(r)) => Some(TryOutcome::Response(r.response.status())),
+            };
+            let headers = match &result {
+                Some(Ok(r)) => Some(r.response.headers()),
+                _ => None,
+            };
+            let retriable = match (policy, outcome) {
+                (Some(p), Some(o)) => retry::should_retry(p, o, headers),
+                _ => false,
+            };
+            let can_retry = policy.is_some_and(|p| retries_done < p.num_retries);
+            if retriable && !can_retry {
+                cluster_stats.upstream_rq_retry_limit_exceeded.inc();
+            }
+            if !(retriable && can_retry) {
+                if retries_done > 0 && !retriable {
+                    cluster_stats.upstream_rq_retry_success.inc();
+                }
+                match result {
+                    None if per_try_fired => {
+                        cluster_stats.upstream_rq_per_try_timeout.inc();
+                        host.stats.rq_timeout.inc();
+                        cluster_stats.upstream_rq.record(504);
+                        let mut r = LocalReply::UpstreamTimeout.into_response();
+                        apply_response(rc, selected, weighted_response, &mut r);
+                        return r;
+                    }
+                    None => {
+                        cluster_stats.upstream_rq_timeout.inc();
+                        host.stats.rq_timeout.inc();
+                        cluster_stats.upstream_rq.record(504);
+                        let mut r = LocalReply::UpstreamTimeout.into_response();
+                        apply_response(rc, selected, weighted_response, &mut r);
+                        return r;
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(cluster = %cluster.name(), host = %host.address, error = %e, "upstream request failed");
+                        host.stats.rq_error.inc();
+                        cluster_stats.upstream_rq.record(503);
+                        let mut r = LocalReply::UpstreamFailure(e).into_response();
+                        apply_response(rc, selected, weighted_response, &mut r);
+                        return r;
+                    }
+                    Some(Ok(r)) => break (r, host, started),
+                }
+            }
+            // Retry: the failed try is abandoned (an HTTP/1.1 connection with an unread
+            // response closes), then back off and let the load balancer pick again.
+            match result {
+                None => {
+                    cluster_stats.upstream_rq_per_try_timeout.inc();
+                    host.stats.rq_timeout.inc();
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(cluster = %cluster.name(), host = %host.address, error = %e, "upstream try failed; retrying");
+                    host.stats.rq_error.inc();
+                }
+                Some(Ok(r)) => {
+                    host.stats.rq_error.inc();
+                    drop(r);
+                }
+            }
+            retries_done += 1;
+            cluster_stats.upstream_rq_retry.inc();
+            let Some(p) = policy else { unreachable_retry() };
+            let wait = retry::backoff(
+                p.base_interval,
+                p.max_interval,
+                retries_done,
+                fastrand::u64(..),
+            );
+            let wake = Instant::now() + wait;
+            if let Some(d) = deadline
+                && wake >= d
+            {
+                tokio::time::sleep_until(d).await;
                 cluster_stats.upstream_rq_timeout.inc();
-                host.stats.rq_timeout.inc();
                 cluster_stats.upstream_rq.record(504);
                 let mut r = LocalReply::UpstreamTimeout.into_response();
                 apply_response(rc, selected, weighted_response, &mut r);
                 return r;
             }
-            Some(Err(e)) => {
-                tracing::debug!(cluster = %cluster.name(), host = %host.address, error = %e, "upstream request failed");
-                host.stats.rq_error.inc();
-                cluster_stats.upstream_rq.record(503);
-                let mut r = LocalReply::UpstreamFailure(e).into_response();
-                apply_response(rc, selected, weighted_response, &mut r);
-                return r;
-            }
-            Some(Ok(r)) => r,
+            tokio::time::sleep_until(wake).await;
+            host = match cluster.choose_host() {
+                Some(h) => h,
+                None => {
+                    let mut r = LocalReply::NoHealthyUpstream.into_response();
+                    apply_response(rc, selected, weighted_response, &mut r);
+                    return r;
+                }
+            };
+        };
+        let guards = RequestGuards {
+            downstream: guard,
+            cluster: GaugeGuard::new(cluster_stats.clone()),
+            host: GaugeGuard::new(host.stats.clone()),
         };
         let PoolResponse {
             response,
@@ -331,8 +596,144 @@ impl HttpConnectionManager {
     }
 }
 
+impl HttpConnectionManager {
+    /// Sends a fire-and-forget copy of a request to a mirror policy's cluster; the response is
+    /// read and discarded and never affects the main request.
+    fn mirror(
+        &self,
+        policy: &MirrorPolicy,
+        mut parts: Parts,
+        authority: String,
+        path: String,
+        body: RequestBody,
+        timeout: Option<std::time::Duration>,
+    ) {
+        let Some(cluster) = self.clusters.get(&policy.cluster) else {
+            tracing::debug!(cluster = %policy.cluster, "mirror cluster not found");
+            return;
+        };
+        tokio::spawn(async move {
+            let Some(host) = cluster.choose_host() else {
+                return;
+            };
+            if set_target(&mut parts, host.pool.protocol(), &authority, &path).is_err() {
+                return;
+            }
+            let stats = cluster.stats().clone();
+            stats.upstream_rq_total.inc();
+            host.stats.rq_total.inc();
+            let _active = GaugeGuard::new(stats.clone());
+            let exchange = async {
+                match host.pool.send(Request::from_parts(parts, body)).await {
+                    Ok(PoolResponse { response, .. }) => {
+                        let status = response.status().as_u16();
+                        stats.upstream_rq.record(status);
+                        if status >= 500 {
+                            host.stats.rq_error.inc();
+                        } else {
+                            host.stats.rq_success.inc();
+                        }
+                        let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+                    }
+                    Err(e) => {
+                        tracing::debug!(cluster = %cluster.name(), error = %e, "mirror request failed");
+                        host.stats.rq_error.inc();
+                        stats.upstream_rq.record(503);
+                    }
+                }
+            };
+            match timeout {
+                Some(t) => {
+                    if tokio::time::timeout(t, exchange).await.is_err() {
+                        stats.upstream_rq_timeout.inc();
+                        host.stats.rq_timeout.inc();
+                    }
+                }
+                None => exchange.await,
+            }
+        });
+    }
+}
+
+/// Joins an upgraded downstream connection to its upstream once both sides switched, until
+/// either closes or the route timeout (which covers the whole upgraded stream, as in Envoy)
+/// elapses.
+async fn splice(
+    downstream: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    deadline: Option<Instant>,
+    guards: RequestGuards,
+) {
+    let (down, up) = tokio::join!(downstream, upstream);
+    let (Ok(down), Ok(up)) = (down, up) else {
+        return;
+    };
+    let mut down = hyper_util::rt::TokioIo::new(down);
+    let mut up = hyper_util::rt::TokioIo::new(up);
+    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+    match deadline {
+        Some(d) => {
+            if tokio::time::timeout_at(d, copy).await.is_err() {
+                guards.cluster.inner().upstream_rq_timeout.inc();
+            }
+        }
+        None => {
+            let _ = copy.await;
+        }
+    }
+    drop(guards);
+}
+
+/// Envoy's `x-envoy-expected-rq-timeout-ms`: the per-try timeout, capped by what is left of
+/// the route timeout.
+fn expected_timeout(
+    per_try: Option<std::time::Duration>,
+    remaining: Option<std::time::Duration>,
+) -> Option<std::time::Duration> {
+    match (per_try, remaining) {
+        (Some(p), Some(r)) => Some(p.min(r)),
+        (p, r) => p.or(r),
+    }
+}
+
+/// Points a request at an upstream: origin-form URI and `Host` for HTTP/1.1, absolute URI
+/// (`:authority`) for HTTP/2.
+fn set_target(
+    parts: &mut Parts,
+    protocol: UpstreamProtocol,
+    authority: &str,
+    path: &str,
+) -> Result<(), &'static str> {
+    let uri = match protocol {
+        UpstreamProtocol::Http1 => {
+            parts.version = Version::HTTP_11;
+            let h = HeaderValue::from_str(authority).map_err(|_| "invalid host")?;
+            parts.headers.insert(header::HOST, h);
+            path.parse::<Uri>()
+        }
+        UpstreamProtocol::Http2 => {
+            parts.version = Version::HTTP_2;
+            parts.headers.remove(header::HOST);
+            format!("http://{authority}{path}").parse::<Uri>()
+        }
+    };
+    parts.uri = uri.map_err(|_| "invalid path")?;
+    Ok(())
+}
+
+/// Envoy's default connection buffer limit: a request body larger than this is not retried.
+pub const RETRY_BUFFER_LIMIT: usize = 1024 * 1024;
+
+/// Only reached if a retry was decided without a policy, which `can_retry` rules out.
+fn unreachable_retry() -> ! {
+    unreachable!("retry without a retry policy")
+}
+
 /// A request on its way upstream.
 struct Forward {
+    /// An allowed HTTP/1.1 upgrade: the `Upgrade` value and the downstream connection's
+    /// upgrade handle.
+    upgrade: Option<(HeaderValue, Option<hyper::upgrade::OnUpgrade>)>,
     parts: Parts,
     body: Incoming,
     authority: String,

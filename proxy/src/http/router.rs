@@ -404,8 +404,66 @@ pub fn strip_port(authority: &str, mode: StripPort, listener_port: u16) -> &str 
     }
 }
 
+/// Whether an upgrade of type `kind` (lower case) is allowed: a route-level setting for the
+/// type overrides the connection manager's; with neither, upgrades are refused.
+pub fn upgrade_allowed(hcm: &[(String, bool)], route: &[(String, bool)], kind: &str) -> bool {
+    let find = |list: &[(String, bool)]| {
+        list.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(kind))
+            .map(|(_, enabled)| *enabled)
+    };
+    find(route).or_else(|| find(hcm)).unwrap_or(false)
+}
+
+/// Whether a request falls in a `numerator / denominator` share, as Envoy's runtime
+/// `featureEnabled` decides it (`random % denominator < numerator`).
+pub fn sampled(numerator: u64, denominator: u64, random: u64) -> bool {
+    denominator > 0 && random % denominator < numerator
+}
+
+/// The host a mirrored request carries: Envoy appends `-shadow` to the host name, before the
+/// port if there is one (`a:8080` → `a-shadow:8080`).
+pub fn shadow_host(authority: &str) -> String {
+    let mut parts = authority.split(':');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(host), Some(port), None) => format!("{host}-shadow:{port}"),
+        _ => format!("{authority}-shadow"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn route_upgrade_settings_override_the_connection_manager() {
+        let on = vec![("websocket".to_string(), true)];
+        let off = vec![("websocket".to_string(), false)];
+        assert!(!upgrade_allowed(&[], &[], "websocket"));
+        assert!(upgrade_allowed(&on, &[], "websocket"));
+        assert!(upgrade_allowed(&on, &[], "WebSocket"));
+        assert!(!upgrade_allowed(&on, &[], "h2c"));
+        assert!(!upgrade_allowed(&on, &off, "websocket"));
+        assert!(upgrade_allowed(&off, &on, "websocket"));
+        assert!(upgrade_allowed(&[], &on, "websocket"));
+        assert!(!upgrade_allowed(&off, &[], "websocket"));
+    }
+
+    #[test]
+    fn shadow_hosts_get_the_suffix_before_the_port() {
+        assert_eq!(shadow_host("api.example.com"), "api.example.com-shadow");
+        assert_eq!(shadow_host("api:8080"), "api-shadow:8080");
+        assert_eq!(shadow_host("127.0.0.1:80"), "127.0.0.1-shadow:80");
+    }
+
+    #[test]
+    fn sampling_follows_the_fraction() {
+        assert!(sampled(100, 100, 99));
+        assert!(!sampled(0, 100, 0));
+        assert!(sampled(50, 100, 149));
+        assert!(!sampled(50, 100, 150));
+        let hits = (0..10_000u64).filter(|r| sampled(25, 100, *r)).count();
+        assert_eq!(hits, 2_500);
+    }
     use super::*;
     use crate::config::route::{Action, tests::route_config};
     use http::HeaderValue;
