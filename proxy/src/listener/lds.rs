@@ -66,7 +66,32 @@ impl ListenerManager {
         };
         for old in removed {
             self.listener_removed.inc();
-            tracing::info!(listener = %old.name(), "listener removed (LDS); draining");
+            let address = old.config.address;
+            let successor =
+                address.port() != 0 && to_warm.iter().any(|l| l.config.address == address);
+            if successor && self.workers_started() {
+                // A listener of this update takes the address over once warm: keep accepting
+                // until then, so no connection is refused in between.
+                tracing::info!(listener = %old.name(), "listener removed (LDS); serving until its successor on the same address is warm");
+                lock(&self.handover).push(old);
+            } else {
+                tracing::info!(listener = %old.name(), "listener removed (LDS); draining");
+                self.drain_one(old);
+            }
+        }
+        // A removed listener waiting for a successor that was itself removed or superseded
+        // before it warmed has nobody to hand over to: drain it now.
+        let orphaned: Vec<_> = {
+            let warming = lock(&self.warming);
+            let mut handover = lock(&self.handover);
+            let (keep, gone): (Vec<_>, Vec<_>) = handover.drain(..).partition(|l| {
+                warming.iter().any(|w| w.config.address == l.config.address)
+                    || to_warm.iter().any(|w| w.config.address == l.config.address)
+            });
+            *handover = keep;
+            gone
+        };
+        for old in orphaned {
             self.drain_one(old);
         }
         self.update_rds_subscription();

@@ -159,6 +159,10 @@ pub struct ListenerManager {
     warming: Mutex<Vec<Arc<ActiveListener>>>,
     active: Mutex<Vec<Arc<ActiveListener>>>,
     draining: Mutex<Vec<Arc<ActiveListener>>>,
+    /// Listeners removed by LDS whose address a warming listener of the same update takes
+    /// over: they keep accepting until it is warm and takes their socket (make-before-break
+    /// for a rename on the same address), then drain.
+    pub(crate) handover: Mutex<Vec<Arc<ActiveListener>>>,
     http_stats: Mutex<HashMap<String, Arc<HttpStatsSource>>>,
     workers_started: AtomicBool,
     /// Held while listeners are bound or swapped, so a listener that warms while workers
@@ -199,6 +203,7 @@ impl ListenerManager {
             warming: Mutex::new(Vec::new()),
             active: Mutex::new(Vec::new()),
             draining: Mutex::new(Vec::new()),
+            handover: Mutex::new(Vec::new()),
             http_stats: Mutex::new(HashMap::new()),
             workers_started: AtomicBool::new(false),
             activation: tokio::sync::Mutex::new(()),
@@ -376,15 +381,30 @@ impl ListenerManager {
         let same_address = |l: &Arc<ActiveListener>| {
             address.port() != 0 && (l.config.address == address || l.local_address() == address)
         };
-        let donor = old.clone().filter(same_address).or_else(|| {
-            lock(&self.draining)
+        let handed_over = {
+            let mut handover = lock(&self.handover);
+            handover
                 .iter()
-                .find(|l| same_address(l))
-                .cloned()
-        });
+                .position(&same_address)
+                .map(|i| handover.remove(i))
+        };
+        let donor = old
+            .clone()
+            .filter(same_address)
+            .or_else(|| handed_over.clone())
+            .or_else(|| {
+                lock(&self.draining)
+                    .iter()
+                    .find(|l| same_address(l))
+                    .cloned()
+            });
         let mut socket = None;
         if let Some(donor) = donor {
             socket = donor.stop_accepting().await;
+        }
+        if let Some(removed) = handed_over {
+            tracing::info!(listener = %removed.name(), successor = %listener.name(), "removed listener handed over its socket; draining");
+            self.drain_one(removed);
         }
         let socket = match socket {
             Some(s) => Ok(s),
@@ -484,6 +504,7 @@ impl ListenerManager {
         let mut all = lock(&self.active).clone();
         all.extend(lock(&self.warming).iter().cloned());
         all.extend(lock(&self.draining).iter().cloned());
+        all.extend(lock(&self.handover).iter().cloned());
         all
     }
 

@@ -235,18 +235,6 @@ pub fn http1_client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
-/// Sends a request and reads the whole response; `None` when the connection fails.
-pub async fn try_send(client: &HttpClient, req: Request<Empty<Bytes>>) -> Option<Reply> {
-    let resp = client.request(req).await.ok()?;
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.ok()?.to_bytes();
-    Some(Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    })
-}
-
 /// Sends a request and reads the whole response.
 pub async fn send(client: &HttpClient, req: Request<Empty<Bytes>>) -> Reply {
     let resp = client.request(req).await.expect("response");
