@@ -5,59 +5,20 @@
 //!
 //! The control plane's outbound listener is fixed at 127.0.0.1:15001 and the proxy's default
 //! admin at 127.0.0.1:15000, so this is the only test here that uses them, and it holds the
-//! lock file `/tmp/capstan-15001.lock` (created exclusively, with retry) while it runs.
+//! lock file `/tmp/capstan-15001.lock` (the e2e harness's `OutboundPortLock`) while it runs.
 
 mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use capstan_e2e::process::{OutboundPortLock, workspace_bin};
 use http::StatusCode;
 use support::{Backend, eventually, free_port, get, temp_dir};
 
 const OUTBOUND_PORT: u16 = 15001;
-const LOCK: &str = "/tmp/capstan-15001.lock";
-
-/// Holds `/tmp/capstan-15001.lock` until dropped. A lock older than two minutes is treated as
-/// left behind by a killed test.
-struct PortLock(PathBuf);
-
-impl PortLock {
-    fn acquire() -> Self {
-        let path = PathBuf::from(LOCK);
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(_) => return Self(path),
-                Err(_) if Instant::now() > deadline => panic!("{LOCK} is held for too long"),
-                Err(_) => {
-                    let stale = std::fs::metadata(&path)
-                        .and_then(|m| m.modified())
-                        .ok()
-                        .and_then(|t| t.elapsed().ok())
-                        .is_some_and(|age| age > Duration::from_secs(120));
-                    if stale {
-                        let _ = std::fs::remove_file(&path);
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        }
-    }
-}
-
-impl Drop for PortLock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 /// Kills the child on drop.
 struct Proc(Child, PathBuf);
 
@@ -72,26 +33,6 @@ impl Proc {
     fn logs(&self) -> String {
         std::fs::read_to_string(&self.1).unwrap_or_default()
     }
-}
-
-/// `target/<profile>/<bin>`, built with cargo if missing (as `e2e/src/process.rs` does).
-fn workspace_bin(package: &str, bin: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf();
-    let path = dir.join(bin);
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", package, "--bin", bin])
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "cargo build -p {package} failed");
-    }
-    path
 }
 
 fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
@@ -161,7 +102,7 @@ async fn backend_for(path: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_real_control_plane_drives_the_proxy_and_a_file_edit_changes_routing() {
-    let _lock = PortLock::acquire();
+    let _lock = OutboundPortLock::acquire();
     let work = temp_dir("control-plane");
     let config = work.join("config");
     std::fs::create_dir_all(&config).expect("mkdir");
