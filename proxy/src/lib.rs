@@ -14,6 +14,7 @@
 //!                   ─► LIVE: listeners bind and accept
 //!                 │
 //!  listener ─► http (connection manager, router) ─► cluster (host, load balancer, pool)
+//!           └► tcp (TCP proxy) ──────────────────────┘
 //!  admin, stats: observe all of the above
 //! ```
 //!
@@ -33,6 +34,7 @@ pub mod init;
 pub mod listener;
 pub mod server;
 pub mod stats;
+pub mod tcp;
 pub mod xds;
 
 /// The version reported by `/server_info` and the `x-envoy`-style identification.

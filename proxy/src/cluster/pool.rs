@@ -273,6 +273,15 @@ impl Pool {
         Ok(TokioIo::new(stream))
     }
 
+    /// A TCP connection of its own (never pooled), for the TCP proxy: connected with the
+    /// cluster's `connect_timeout` and counted in the cluster's and host's connection stats
+    /// (`upstream_cx_total`, `upstream_cx_active` while the guard lives,
+    /// `upstream_cx_connect_fail`).
+    pub async fn connect_raw(&self) -> Result<(TcpStream, ConnectionGuard), UpstreamError> {
+        let io = self.connect_tcp().await?;
+        Ok((io.into_inner(), self.connection_guard()))
+    }
+
     fn connection_guard(&self) -> ConnectionGuard {
         self.cluster_stats.upstream_cx_total.inc();
         self.cluster_stats.upstream_cx_active.inc();
@@ -286,7 +295,7 @@ impl Pool {
 }
 
 /// Keeps `upstream_cx_active` right for as long as a connection task runs.
-struct ConnectionGuard {
+pub struct ConnectionGuard {
     host: Arc<HostStats>,
     cluster: Arc<ClusterStats>,
 }

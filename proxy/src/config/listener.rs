@@ -1,13 +1,23 @@
-//! Envoy `Listener` → [`Listener`]: address, the one filter chain, and its HTTP connection
-//! manager with an inline route configuration and the router filter.
+//! Envoy `Listener` → [`Listener`]: address, filter chains (with their `filter_chain_match`
+//! and the `default_filter_chain`), and each chain's terminal network filter: the HTTP
+//! connection manager (inline route configuration or RDS, router filter) or the TCP proxy.
+//!
+//! Filter chain matching supports the criteria that need no listener filter (destination
+//! port and IP, direct source and source IP, source type, source port, `transport_protocol`
+//! `raw_buffer`); `server_names`, `transport_protocol: tls` and `application_protocols` need
+//! the TLS or HTTP inspector and are rejected by name. Selection itself lives in
+//! `crate::listener::filter_chain`.
 
-use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
+use envoy_types::pb::envoy::config::core::v3::CidrRange;
 use envoy_types::pb::envoy::config::listener::v3 as pb;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
 use envoy_types::pb::google::protobuf::Any;
 use prost::{Message, Name};
 
@@ -20,6 +30,12 @@ use super::supported;
 pub const HTTP_CONNECTION_MANAGER: &str = "envoy.filters.network.http_connection_manager";
 /// The router filter's extension name.
 pub const ROUTER: &str = "envoy.filters.http.router";
+/// The TCP proxy's extension name.
+pub const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
+/// The transport protocol of a connection no listener filter inspected (Envoy's default).
+pub const RAW_BUFFER: &str = "raw_buffer";
+/// Envoy's default TCP proxy `idle_timeout`.
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Clone)]
 pub struct Listener {
@@ -27,7 +43,10 @@ pub struct Listener {
     pub address: SocketAddr,
     /// Prefix of this listener's `listener.<prefix>.*` stats: `stat_prefix` or the address.
     pub stat_prefix: String,
-    pub filter_chain: FilterChain,
+    /// In configuration order; a connection gets the chain [`FilterChainMatch`] selects.
+    pub filter_chains: Vec<FilterChain>,
+    /// The chain of connections no `filter_chains` entry matches (else they are closed).
+    pub default_filter_chain: Option<FilterChain>,
     /// The resource as received, for `/config_dump`.
     pub source: Arc<pb::Listener>,
 }
@@ -35,13 +54,93 @@ pub struct Listener {
 #[derive(Debug, Clone)]
 pub struct FilterChain {
     pub name: String,
-    /// The terminal network filter (the only filter supported today).
+    pub matcher: FilterChainMatch,
+    /// The terminal network filter (the only filter supported in a chain).
     pub filter: NetworkFilter,
+}
+
+/// A chain's `filter_chain_match`; empty criteria match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FilterChainMatch {
+    pub destination_port: Option<u16>,
+    pub prefix_ranges: Vec<Cidr>,
+    /// Empty or [`RAW_BUFFER`].
+    pub transport_protocol: String,
+    pub direct_source_prefix_ranges: Vec<Cidr>,
+    pub source_type: SourceType,
+    pub source_prefix_ranges: Vec<Cidr>,
+    pub source_ports: Vec<u16>,
+}
+
+/// `FilterChainMatch.source_type`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SourceType {
+    #[default]
+    Any,
+    /// `SAME_IP_OR_LOOPBACK`: the peer is a loopback address or the local address.
+    SameIpOrLoopback,
+    External,
+}
+
+/// A CIDR range, normalized as Envoy does (address bits past the prefix cleared).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr {
+    pub address: IpAddr,
+    pub len: u8,
+}
+
+impl Cidr {
+    pub fn new(address: IpAddr, len: u8) -> Option<Self> {
+        let address = match address {
+            IpAddr::V4(a) if len <= 32 => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) if len <= 128 => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+            _ => return None,
+        };
+        Some(Self { address, len })
+    }
+
+    /// Whether `ip` (of the same family) is in the range.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        Cidr::new(ip, self.len).is_some_and(|c| c.address == self.address)
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.address, self.len)
+    }
 }
 
 #[derive(Debug, Clone)]
 pub enum NetworkFilter {
     HttpConnectionManager(Arc<HttpConnectionManager>),
+    TcpProxy(Arc<TcpProxy>),
+}
+
+/// `envoy.filters.network.tcp_proxy`.
+#[derive(Debug, Clone)]
+pub struct TcpProxy {
+    pub stat_prefix: String,
+    pub route: TcpRoute,
+    /// `None`: disabled (`0s`).
+    pub idle_timeout: Option<Duration>,
+    /// At least 1.
+    pub max_connect_attempts: u32,
+}
+
+/// Where a TCP proxy connects. Cluster names are not checked against the known clusters:
+/// as in Envoy, a connection to a missing cluster is closed (`downstream_cx_no_route`).
+#[derive(Debug, Clone)]
+pub enum TcpRoute {
+    Cluster(String),
+    /// `weighted_clusters`: (name, weight), weights at least 1.
+    Weighted(Vec<(String, u32)>),
 }
 
 #[derive(Debug, Clone)]
@@ -93,10 +192,24 @@ impl HttpConnectionManager {
 }
 
 impl Listener {
-    /// The RDS route configuration names this listener's filter chain waits for.
+    /// Every filter chain: `filter_chains` in order, then the default one.
+    pub fn all_filter_chains(&self) -> impl Iterator<Item = &FilterChain> {
+        self.filter_chains
+            .iter()
+            .chain(self.default_filter_chain.iter())
+    }
+
+    /// The RDS route configuration names this listener's filter chains wait for (the union
+    /// over its chains, sorted, each once).
     pub fn rds_names(&self) -> Vec<String> {
-        let NetworkFilter::HttpConnectionManager(h) = &self.filter_chain.filter;
-        h.rds_name().map(str::to_string).into_iter().collect()
+        let names: BTreeSet<String> = self
+            .all_filter_chains()
+            .filter_map(|fc| match &fc.filter {
+                NetworkFilter::HttpConnectionManager(h) => h.rds_name().map(str::to_string),
+                NetworkFilter::TcpProxy(_) => None,
+            })
+            .collect();
+        names.into_iter().collect()
     }
 }
 
@@ -137,20 +250,31 @@ pub fn translate(
         }
     };
     let fpath = path.field("filter_chains");
-    let filter_chain = match l.filter_chains.as_slice() {
-        [] => {
-            errors.push(&fpath, "exactly one filter chain is required");
-            None
-        }
-        [fc] => filter_chain(fc, known_clusters, &fpath.index(0), errors),
-        [_, rest @ ..] => {
-            errors.push(
-                &fpath.index(rest.len()),
-                "only one filter chain is supported (filter chain matching is not implemented yet)",
-            );
-            None
-        }
-    };
+    if l.filter_chains.is_empty() && l.default_filter_chain.is_none() {
+        errors.push(
+            &fpath,
+            "at least one filter chain (or default_filter_chain) is required",
+        );
+    }
+    let filter_chains: Vec<Option<FilterChain>> = l
+        .filter_chains
+        .iter()
+        .enumerate()
+        .map(|(i, fc)| filter_chain(fc, known_clusters, &fpath.index(i), errors))
+        .collect();
+    let dpath = path.field("default_filter_chain");
+    // Envoy ignores the default chain's filter_chain_match.
+    let default_filter_chain = l
+        .default_filter_chain
+        .as_ref()
+        .and_then(|fc| filter_chain(fc, known_clusters, &dpath, errors))
+        .map(|fc| FilterChain {
+            matcher: FilterChainMatch::default(),
+            ..fc
+        });
+    if errors.len() == before {
+        check_distinct_matches(l, &filter_chains, &fpath, errors);
+    }
     if errors.len() > before {
         return None;
     }
@@ -168,9 +292,205 @@ pub fn translate(
         },
         address,
         stat_prefix,
-        filter_chain: filter_chain?,
+        filter_chains: filter_chains.into_iter().collect::<Option<Vec<_>>>()?,
+        default_filter_chain,
         source: Arc::new(l.clone()),
     })
+}
+
+/// Envoy's check that no two chains claim the same connections: identical
+/// `filter_chain_match` messages, or two chains sharing one combination of criteria values
+/// (each chain stands for every combination of its lists' entries).
+fn check_distinct_matches(
+    l: &pb::Listener,
+    chains: &[Option<FilterChain>],
+    path: &Path,
+    errors: &mut Errors,
+) {
+    let chain_name = |i: usize| {
+        let name = &l.filter_chains[i].name;
+        if name.is_empty() {
+            format!("filter_chains[{i}]")
+        } else {
+            name.clone()
+        }
+    };
+    for (i, fc) in l.filter_chains.iter().enumerate() {
+        let same = l.filter_chains[..i].iter().position(|o| {
+            o.filter_chain_match.clone().unwrap_or_default()
+                == fc.filter_chain_match.clone().unwrap_or_default()
+        });
+        if let Some(j) = same {
+            errors.push(
+                &path.index(i).field("filter_chain_match"),
+                format!(
+                    "filter chain '{}' has the same matching rules defined as '{}'",
+                    chain_name(i),
+                    chain_name(j)
+                ),
+            );
+            return;
+        }
+    }
+    let mut seen: HashMap<MatchKey, usize> = HashMap::new();
+    for (i, fc) in chains.iter().enumerate() {
+        let Some(fc) = fc else { continue };
+        for key in expand(&fc.matcher) {
+            if let Some(j) = seen.insert(key, i)
+                && j != i
+            {
+                errors.push(
+                    &path.index(i).field("filter_chain_match"),
+                    format!(
+                        "multiple filter chains with the same matching rules are defined ('{}' and '{}')",
+                        chain_name(j),
+                        chain_name(i)
+                    ),
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// One combination of criteria values of a chain (`None`: the criterion is not set).
+type MatchKey = (
+    Option<u16>,
+    Option<Cidr>,
+    String,
+    Option<Cidr>,
+    SourceType,
+    Option<Cidr>,
+    Option<u16>,
+);
+
+fn expand(m: &FilterChainMatch) -> Vec<MatchKey> {
+    fn or_none<T: Copy>(v: &[T]) -> Vec<Option<T>> {
+        if v.is_empty() {
+            vec![None]
+        } else {
+            v.iter().copied().map(Some).collect()
+        }
+    }
+    let mut out = Vec::new();
+    for dst in or_none(&m.prefix_ranges) {
+        for direct in or_none(&m.direct_source_prefix_ranges) {
+            for src in or_none(&m.source_prefix_ranges) {
+                for port in or_none(&m.source_ports) {
+                    out.push((
+                        m.destination_port,
+                        dst,
+                        m.transport_protocol.clone(),
+                        direct,
+                        m.source_type,
+                        src,
+                        port,
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn filter_chain_match(
+    m: &pb::FilterChainMatch,
+    path: &Path,
+    errors: &mut Errors,
+) -> FilterChainMatch {
+    use pb::filter_chain_match::ConnectionSourceType as S;
+    let destination_port = m
+        .destination_port
+        .and_then(|p| match u16::try_from(p.value) {
+            Ok(port) if port > 0 => Some(port),
+            _ => {
+                errors.push(
+                    &path.field("destination_port"),
+                    format!("{} is not a port (1 to 65535)", p.value),
+                );
+                None
+            }
+        });
+    let transport_protocol = match m.transport_protocol.as_str() {
+        "" | RAW_BUFFER => m.transport_protocol.clone(),
+        "tls" => {
+            errors.push(
+                &path.field("transport_protocol"),
+                "unsupported value tls (needs the TLS inspector listener filter, which is not implemented yet; supported: raw_buffer)",
+            );
+            String::new()
+        }
+        other => {
+            errors.unsupported_value(&path.field("transport_protocol"), other, &[RAW_BUFFER]);
+            String::new()
+        }
+    };
+    let source_type = match S::try_from(m.source_type) {
+        Ok(S::Any) => SourceType::Any,
+        Ok(S::SameIpOrLoopback) => SourceType::SameIpOrLoopback,
+        Ok(S::External) => SourceType::External,
+        Err(_) => {
+            errors.push(
+                &path.field("source_type"),
+                format!("unknown value {}", m.source_type),
+            );
+            SourceType::Any
+        }
+    };
+    let mut source_ports = Vec::new();
+    for (i, p) in m.source_ports.iter().enumerate() {
+        match u16::try_from(*p) {
+            Ok(port) if port > 0 => source_ports.push(port),
+            _ => errors.push(
+                &path.field("source_ports").index(i),
+                format!("{p} is not a port (1 to 65535)"),
+            ),
+        }
+    }
+    FilterChainMatch {
+        destination_port,
+        prefix_ranges: cidrs(&m.prefix_ranges, &path.field("prefix_ranges"), errors),
+        transport_protocol,
+        direct_source_prefix_ranges: cidrs(
+            &m.direct_source_prefix_ranges,
+            &path.field("direct_source_prefix_ranges"),
+            errors,
+        ),
+        source_type,
+        source_prefix_ranges: cidrs(
+            &m.source_prefix_ranges,
+            &path.field("source_prefix_ranges"),
+            errors,
+        ),
+        source_ports,
+    }
+}
+
+fn cidrs(ranges: &[CidrRange], path: &Path, errors: &mut Errors) -> Vec<Cidr> {
+    let mut out = Vec::new();
+    for (i, r) in ranges.iter().enumerate() {
+        let rpath = path.index(i);
+        let Ok(address) = r.address_prefix.parse::<IpAddr>() else {
+            errors.push(
+                &rpath.field("address_prefix"),
+                format!("malformed IP address {:?}", r.address_prefix),
+            );
+            continue;
+        };
+        let len = r.prefix_len.map(|l| l.value).unwrap_or(0);
+        match u8::try_from(len).ok().and_then(|l| Cidr::new(address, l)) {
+            Some(c) => {
+                if !out.contains(&c) {
+                    out.push(c);
+                }
+            }
+            None => errors.push(
+                &rpath.field("prefix_len"),
+                format!("invalid prefix length {len} for {address}"),
+            ),
+        }
+    }
+    out
 }
 
 fn filter_chain(
@@ -179,11 +499,15 @@ fn filter_chain(
     path: &Path,
     errors: &mut Errors,
 ) -> Option<FilterChain> {
+    let matcher = match &fc.filter_chain_match {
+        Some(m) => filter_chain_match(m, &path.field("filter_chain_match"), errors),
+        None => FilterChainMatch::default(),
+    };
     let fpath = path.field("filters");
     let [filter] = fc.filters.as_slice() else {
         errors.push(
             &fpath,
-            "exactly one network filter (envoy.filters.network.http_connection_manager) is required",
+            "exactly one network filter (envoy.filters.network.http_connection_manager or envoy.filters.network.tcp_proxy) is required",
         );
         return None;
     };
@@ -198,15 +522,88 @@ fn filter_chain(
             return None;
         }
     };
-    if any.type_url != hcm::HttpConnectionManager::type_url() {
+    let filter = if any.type_url == hcm::HttpConnectionManager::type_url() {
+        let config = decode::<hcm::HttpConnectionManager>(any, &tpath, errors)?;
+        let manager = http_connection_manager(&config, known_clusters, &tpath, errors)?;
+        NetworkFilter::HttpConnectionManager(Arc::new(manager))
+    } else if any.type_url == tcp::TcpProxy::type_url() {
+        let config = decode::<tcp::TcpProxy>(any, &tpath, errors)?;
+        NetworkFilter::TcpProxy(Arc::new(tcp_proxy(&config, &tpath, errors)?))
+    } else {
         errors.push(&tpath, format!("unsupported filter {}", any.type_url));
         return None;
-    }
-    let config = decode::<hcm::HttpConnectionManager>(any, &tpath, errors)?;
-    let manager = http_connection_manager(&config, known_clusters, &tpath, errors)?;
+    };
     Some(FilterChain {
         name: fc.name.clone(),
-        filter: NetworkFilter::HttpConnectionManager(Arc::new(manager)),
+        matcher,
+        filter,
+    })
+}
+
+/// The TCP proxy's supported subset (other fields are rejected by the supported-subset
+/// check); values validated as Envoy's proto constraints do.
+fn tcp_proxy(c: &tcp::TcpProxy, path: &Path, errors: &mut Errors) -> Option<TcpProxy> {
+    use tcp::tcp_proxy::ClusterSpecifier as C;
+    let before = errors.len();
+    if c.stat_prefix.is_empty() {
+        errors.push(&path.field("stat_prefix"), "required");
+    }
+    let route = match &c.cluster_specifier {
+        Some(C::Cluster(name)) => {
+            if name.is_empty() {
+                errors.push(&path.field("cluster"), "must not be empty");
+            }
+            Some(TcpRoute::Cluster(name.clone()))
+        }
+        Some(C::WeightedClusters(w)) => {
+            let wpath = path.field("weighted_clusters").field("clusters");
+            if w.clusters.is_empty() {
+                errors.push(&wpath, "at least one cluster is required");
+            }
+            let mut clusters = Vec::new();
+            for (i, cw) in w.clusters.iter().enumerate() {
+                let cpath = wpath.index(i);
+                if cw.name.is_empty() {
+                    errors.push(&cpath.field("name"), "required");
+                }
+                if cw.weight == 0 {
+                    errors.push(&cpath.field("weight"), "must be at least 1");
+                }
+                clusters.push((cw.name.clone(), cw.weight));
+            }
+            Some(TcpRoute::Weighted(clusters))
+        }
+        None => {
+            errors.push(
+                &path.field("cluster"),
+                "one of cluster, weighted_clusters is required",
+            );
+            None
+        }
+    };
+    let idle_timeout = match &c.idle_timeout {
+        None => Some(DEFAULT_TCP_IDLE_TIMEOUT),
+        Some(d) => match super::duration(d) {
+            Some(Duration::ZERO) => None,
+            Some(d) => Some(d),
+            None => {
+                errors.push(&path.field("idle_timeout"), "must not be negative");
+                None
+            }
+        },
+    };
+    let max_connect_attempts = c.max_connect_attempts.map(|v| v.value).unwrap_or(1);
+    if max_connect_attempts == 0 {
+        errors.push(&path.field("max_connect_attempts"), "must be at least 1");
+    }
+    if errors.len() > before {
+        return None;
+    }
+    Some(TcpProxy {
+        stat_prefix: c.stat_prefix.clone(),
+        route: route?,
+        idle_timeout,
+        max_connect_attempts,
     })
 }
 
@@ -442,7 +839,9 @@ filter_chains:
         ))
         .expect("valid");
         assert_eq!(l.stat_prefix, "127.0.0.1_15001");
-        let NetworkFilter::HttpConnectionManager(h) = &l.filter_chain.filter;
+        let NetworkFilter::HttpConnectionManager(h) = &l.filter_chains[0].filter else {
+            panic!("an HTTP connection manager")
+        };
         assert_eq!(h.stat_prefix, "outbound");
         assert_eq!(h.strip_port, StripPort::Matching);
         assert!(h.suppress_envoy_headers);
@@ -477,7 +876,9 @@ filter_chains:
             )
         };
         let l = listener(&hcm("[{ upgrade_type: WebSocket }]")).expect("valid");
-        let NetworkFilter::HttpConnectionManager(h) = &l.filter_chain.filter;
+        let NetworkFilter::HttpConnectionManager(h) = &l.filter_chains[0].filter else {
+            panic!("an HTTP connection manager")
+        };
         assert_eq!(h.upgrades, vec![("websocket".to_string(), true)]);
         let errs = listener(&hcm(
             "[{ upgrade_type: websocket, enabled: false }, { upgrade_type: CONNECT }]",
@@ -526,27 +927,192 @@ filter_chains:
         assert_eq!(errs.len(), expected.len(), "{errs:#?}");
     }
 
-    #[test]
-    fn tcp_proxy_is_named_as_unsupported() {
-        let errs = listener(
+    const TCP: &str = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+
+    fn tcp_chain(matcher: &str, config: &str) -> String {
+        format!(
             r#"
-name: tcp
-address: { socket_address: { address: 0.0.0.0, port_value: 9000 } }
-filter_chains:
-- filters:
+- filter_chain_match: {matcher}
+  filters:
   - name: envoy.filters.network.tcp_proxy
     typed_config:
-      "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-      stat_prefix: tcp
-      cluster: web
-"#,
+      "@type": {TCP}
+      {config}
+"#
         )
+    }
+
+    fn tcp_listener(chains: &str) -> Result<Listener, Vec<String>> {
+        listener(&format!(
+            "name: tcp\naddress: {{ socket_address: {{ address: 0.0.0.0, port_value: 9000 }} }}\nfilter_chains:{chains}"
+        ))
+    }
+
+    #[test]
+    fn tcp_proxy_with_envoy_defaults() {
+        let l = tcp_listener(&tcp_chain("{}", "stat_prefix: tcp\n      cluster: missing"))
+            .expect("an unknown cluster is accepted, as in Envoy");
+        let NetworkFilter::TcpProxy(t) = &l.filter_chains[0].filter else {
+            panic!("a TCP proxy")
+        };
+        assert_eq!(t.stat_prefix, "tcp");
+        assert!(matches!(&t.route, TcpRoute::Cluster(c) if c == "missing"));
+        assert_eq!(t.idle_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(t.max_connect_attempts, 1);
+        assert!(l.rds_names().is_empty());
+
+        let l = tcp_listener(&tcp_chain(
+            "{}",
+            "stat_prefix: tcp\n      idle_timeout: 0s\n      max_connect_attempts: 3\n      weighted_clusters: { clusters: [{ name: a, weight: 1 }, { name: b, weight: 3 }] }",
+        ))
+        .expect("valid");
+        let NetworkFilter::TcpProxy(t) = &l.filter_chains[0].filter else {
+            panic!("a TCP proxy")
+        };
+        assert_eq!(t.idle_timeout, None, "0s disables the idle timeout");
+        assert_eq!(t.max_connect_attempts, 3);
+        assert!(
+            matches!(&t.route, TcpRoute::Weighted(w) if *w == vec![("a".to_string(), 1), ("b".to_string(), 3)])
+        );
+    }
+
+    #[test]
+    fn tcp_proxy_errors_are_named() {
+        let errs = tcp_listener(&tcp_chain(
+            "{}",
+            "max_connect_attempts: 0\n      access_log: [{ name: x }]\n      weighted_clusters: { clusters: [{ name: a, weight: 0 }] }",
+        ))
+        .expect_err("invalid");
+        let expected = [
+            "listener.filter_chains[0].filters[0].typed_config.access_log: unsupported field (access logs are not implemented yet)",
+            "listener.filter_chains[0].filters[0].typed_config.stat_prefix: required",
+            "listener.filter_chains[0].filters[0].typed_config.weighted_clusters.clusters[0].weight: must be at least 1",
+            "listener.filter_chains[0].filters[0].typed_config.max_connect_attempts: must be at least 1",
+        ];
+        for e in expected {
+            assert!(errs.iter().any(|x| x == e), "missing {e:?} in {errs:#?}");
+        }
+        assert_eq!(errs.len(), expected.len(), "{errs:#?}");
+        let errs = tcp_listener(&tcp_chain("{}", "stat_prefix: t")).expect_err("invalid");
+        assert_eq!(
+            errs,
+            vec![
+                "listener.filter_chains[0].filters[0].typed_config.cluster: one of cluster, weighted_clusters is required"
+            ]
+        );
+    }
+
+    #[test]
+    fn filter_chain_matches_are_translated_and_inspector_criteria_rejected() {
+        let l = tcp_listener(&format!(
+            "{}{}",
+            tcp_chain(
+                "{ destination_port: 9000, prefix_ranges: [{ address_prefix: 127.0.0.77, prefix_len: 8 }], transport_protocol: raw_buffer, source_type: SAME_IP_OR_LOOPBACK, source_prefix_ranges: [{ address_prefix: '::1', prefix_len: 128 }], source_ports: [1234] }",
+                "stat_prefix: a\n      cluster: a"
+            ),
+            tcp_chain("{}", "stat_prefix: b\n      cluster: b"),
+        ))
+        .expect("valid");
+        let m = &l.filter_chains[0].matcher;
+        assert_eq!(m.destination_port, Some(9000));
+        assert_eq!(m.prefix_ranges[0].to_string(), "127.0.0.0/8");
+        assert_eq!(m.source_prefix_ranges[0].to_string(), "::1/128");
+        assert_eq!(m.source_type, SourceType::SameIpOrLoopback);
+        assert_eq!(m.source_ports, vec![1234]);
+        assert_eq!(l.filter_chains[1].matcher, FilterChainMatch::default());
+
+        let errs = tcp_listener(&format!(
+            "{}{}{}",
+            tcp_chain(
+                "{ server_names: [a.example] }",
+                "stat_prefix: a\n      cluster: a"
+            ),
+            tcp_chain(
+                "{ transport_protocol: tls, application_protocols: [h2] }",
+                "stat_prefix: a\n      cluster: a"
+            ),
+            tcp_chain(
+                "{ prefix_ranges: [{ address_prefix: 10.0.0.0, prefix_len: 33 }] }",
+                "stat_prefix: a\n      cluster: a"
+            ),
+        ))
+        .expect_err("invalid");
+        let expected = [
+            "listener.filter_chains[0].filter_chain_match.server_names: unsupported field (matching on server names needs the TLS inspector listener filter, which is not implemented yet)",
+            "listener.filter_chains[1].filter_chain_match.application_protocols: unsupported field (matching on application protocols needs the HTTP or TLS inspector listener filter, which is not implemented yet)",
+            "listener.filter_chains[1].filter_chain_match.transport_protocol: unsupported value tls (needs the TLS inspector listener filter, which is not implemented yet; supported: raw_buffer)",
+            "listener.filter_chains[2].filter_chain_match.prefix_ranges[0].prefix_len: invalid prefix length 33 for 10.0.0.0",
+        ];
+        for e in expected {
+            assert!(errs.iter().any(|x| x == e), "missing {e:?} in {errs:#?}");
+        }
+        assert_eq!(errs.len(), expected.len(), "{errs:#?}");
+    }
+
+    #[test]
+    fn chains_with_the_same_matching_rules_are_rejected() {
+        let errs = tcp_listener(&format!(
+            "{}{}",
+            tcp_chain("{ source_ports: [1] }", "stat_prefix: a\n      cluster: a"),
+            tcp_chain("{ source_ports: [1] }", "stat_prefix: a\n      cluster: a"),
+        ))
         .expect_err("invalid");
         assert_eq!(
             errs,
             vec![
-                "listener.filter_chains[0].filters[0].typed_config: unsupported filter type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+                "listener.filter_chains[1].filter_chain_match: filter chain 'filter_chains[1]' has the same matching rules defined as 'filter_chains[0]'"
             ]
         );
+        let errs = tcp_listener(&format!(
+            "{}{}",
+            tcp_chain(
+                "{ source_prefix_ranges: [{ address_prefix: 10.1.2.3, prefix_len: 16 }] }",
+                "stat_prefix: a\n      cluster: a"
+            ),
+            tcp_chain(
+                "{ source_prefix_ranges: [{ address_prefix: 10.2.0.0, prefix_len: 16 }, { address_prefix: 10.1.0.0, prefix_len: 16 }] }",
+                "stat_prefix: a\n      cluster: a"
+            ),
+        ))
+        .expect_err("invalid");
+        assert_eq!(
+            errs,
+            vec![
+                "listener.filter_chains[1].filter_chain_match: multiple filter chains with the same matching rules are defined ('filter_chains[0]' and 'filter_chains[1]')"
+            ]
+        );
+    }
+
+    #[test]
+    fn mixed_chains_and_the_default_chain_union_their_rds_names() {
+        let hcm = |rds: &str| {
+            format!(
+                r#"
+  filters:
+  - name: envoy.filters.network.http_connection_manager
+    typed_config:
+      "@type": {HCM}
+      stat_prefix: h
+      rds: {{ route_config_name: {rds}, config_source: {{ ads: {{}} }} }}
+"#
+            )
+        };
+        let l = listener(&format!(
+            "name: mixed\naddress: {{ socket_address: {{ address: 0.0.0.0, port_value: 9000 }} }}\nfilter_chains:\n- filter_chain_match: {{ destination_port: 80 }}{}\n- filter_chain_match: {{ destination_port: 81 }}{}{}\ndefault_filter_chain:{}",
+            hcm("r2"),
+            hcm("r1"),
+            tcp_chain(
+                "{ destination_port: 82 }",
+                "stat_prefix: t\n      cluster: web"
+            ),
+            hcm("r3"),
+        ));
+        let l = match l {
+            Ok(l) => l,
+            Err(e) => panic!("{e:#?}"),
+        };
+        assert_eq!(l.rds_names(), vec!["r1", "r2", "r3"]);
+        assert_eq!(l.filter_chains.len(), 3);
+        assert!(l.default_filter_chain.is_some());
     }
 }

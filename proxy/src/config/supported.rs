@@ -139,6 +139,7 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "name",
             "address",
             "filter_chains",
+            "default_filter_chain",
             "stat_prefix",
             "traffic_direction",
             "metadata",
@@ -146,7 +147,42 @@ const SUPPORTED: &[(&str, &[&str])] = &[
     ),
     (
         "envoy.config.listener.v3.FilterChain",
-        &["filters", "name", "metadata"],
+        &["filters", "name", "metadata", "filter_chain_match"],
+    ),
+    (
+        "envoy.config.listener.v3.FilterChainMatch",
+        &[
+            "destination_port",
+            "prefix_ranges",
+            "direct_source_prefix_ranges",
+            "source_type",
+            "source_prefix_ranges",
+            "source_ports",
+            "transport_protocol",
+        ],
+    ),
+    (
+        "envoy.config.core.v3.CidrRange",
+        &["address_prefix", "prefix_len"],
+    ),
+    // The TCP proxy.
+    (
+        "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        &[
+            "stat_prefix",
+            "cluster",
+            "weighted_clusters",
+            "idle_timeout",
+            "max_connect_attempts",
+        ],
+    ),
+    (
+        "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster",
+        &["clusters"],
+    ),
+    (
+        "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster.ClusterWeight",
+        &["name", "weight"],
     ),
     ("envoy.config.listener.v3.Filter", &["name", "typed_config"]),
     (
@@ -412,8 +448,12 @@ const HINTS: &[(&str, &str)] = &[
     ),
     ("access_log", "access logs are not implemented yet"),
     (
-        "filter_chain_match",
-        "filter chain matching is not implemented yet; use one filter chain",
+        "server_names",
+        "matching on server names needs the TLS inspector listener filter, which is not implemented yet",
+    ),
+    (
+        "application_protocols",
+        "matching on application protocols needs the HTTP or TLS inspector listener filter, which is not implemented yet",
     ),
     (
         "listener_filters",

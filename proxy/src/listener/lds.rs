@@ -117,8 +117,10 @@ impl ListenerManager {
         let mut all = lock(&self.active).clone();
         all.extend(lock(&self.warming).iter().cloned());
         for l in all {
-            if l.hcm.config().rds_name() == Some(name) {
-                l.hcm.set_route_config(rc.clone());
+            for hcm in l.http_connection_managers() {
+                if hcm.config().rds_name() == Some(name) {
+                    hcm.set_route_config(rc.clone());
+                }
             }
         }
     }

@@ -15,10 +15,15 @@
 //! `Connection: close`, HTTP/2 GOAWAY), then closes once its in-flight requests finish.
 //! Each listener has its own [`Drain`]; a server-wide drain advances all of them.
 //!
-//! The listener manager must not route requests; it hands each connection to the listener's
-//! network filter (today, the HTTP connection manager).
+//! Each accepted connection gets the filter chain [`filter_chain::select`] picks (Envoy's
+//! `filter_chain_match` order), else the `default_filter_chain`, else it is closed
+//! (`listener.<prefix>.no_filter_chain_match`). The listener manager must not route requests;
+//! it hands each connection to its chain's network filter: the HTTP connection manager
+//! ([`crate::http`]) or the TCP proxy ([`crate::tcp`]). A listener's RDS names (for warming)
+//! are the union over its chains; a listener with only TCP proxies warms at once.
 
 pub mod drain;
+pub mod filter_chain;
 pub mod lds;
 
 use std::collections::HashMap;
@@ -33,11 +38,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::cluster::ClusterManager;
-use crate::config::listener::{Listener as Config, NetworkFilter};
+use crate::config::listener::{FilterChain, Listener as Config, NetworkFilter};
 use crate::config::route::RouteConfig;
 use crate::http::{HttpConnectionManager, HttpStats, HttpStatsSource};
 use crate::init;
 use crate::stats::{Counter, Gauge, Sample, Scope, Source, Store};
+use crate::tcp::{TcpProxy, TcpStats, TcpStatsSource};
 use drain::{Drain, Phase};
 
 /// Envoy's `listener.<address or stat_prefix>.*` stats.
@@ -45,6 +51,28 @@ use drain::{Drain, Phase};
 pub struct ListenerStats {
     pub downstream_cx_total: Counter,
     pub downstream_cx_active: Gauge,
+    pub no_filter_chain_match: Counter,
+}
+
+/// What serves the connections of one filter chain.
+#[derive(Debug, Clone)]
+pub enum ChainHandler {
+    Http(Arc<HttpConnectionManager>),
+    Tcp(Arc<TcpProxy>),
+}
+
+impl ChainHandler {
+    async fn serve_connection(
+        self,
+        stream: tokio::net::TcpStream,
+        remote: SocketAddr,
+        local: SocketAddr,
+    ) {
+        match self {
+            ChainHandler::Http(h) => h.serve_connection(stream, remote, local).await,
+            ChainHandler::Tcp(t) => t.serve_connection(stream, remote, local).await,
+        }
+    }
 }
 
 /// A running accept loop: stopping it hands its socket back (for a listener update on the
@@ -57,7 +85,9 @@ struct Accepting {
 /// One listener: its configuration, network filter and, once bound, its address.
 pub struct ActiveListener {
     config: Arc<Config>,
-    hcm: Arc<HttpConnectionManager>,
+    /// One per `config.filter_chains` entry, in order.
+    chains: Vec<ChainHandler>,
+    default_chain: Option<ChainHandler>,
     stats: Arc<ListenerStats>,
     init: init::Manager,
     local_address: Mutex<Option<SocketAddr>>,
@@ -89,8 +119,31 @@ impl ActiveListener {
         self.added_via_api
     }
 
-    pub fn http_connection_manager(&self) -> &Arc<HttpConnectionManager> {
-        &self.hcm
+    /// The first HTTP connection manager of its filter chains (`None`: TCP proxies only).
+    pub fn http_connection_manager(&self) -> Option<&Arc<HttpConnectionManager>> {
+        self.http_connection_managers().next()
+    }
+
+    /// Every HTTP connection manager of its filter chains (the default chain last).
+    pub fn http_connection_managers(&self) -> impl Iterator<Item = &Arc<HttpConnectionManager>> {
+        self.handlers().filter_map(|h| match h {
+            ChainHandler::Http(h) => Some(h),
+            ChainHandler::Tcp(_) => None,
+        })
+    }
+
+    /// Every chain's handler, the default chain last.
+    pub fn handlers(&self) -> impl Iterator<Item = &ChainHandler> {
+        self.chains.iter().chain(self.default_chain.iter())
+    }
+
+    /// The handler of the chain a connection from `remote` accepted on `local` gets.
+    pub fn handler_for(&self, local: SocketAddr, remote: SocketAddr) -> Option<&ChainHandler> {
+        let conn = filter_chain::ConnectionInfo { local, remote };
+        match filter_chain::select(&self.config.filter_chains, &conn) {
+            Some(i) => self.chains.get(i),
+            None => self.default_chain.as_ref(),
+        }
     }
 
     /// The bound address (the configured one until bound; the real port when it was 0).
@@ -134,6 +187,11 @@ impl Source for ActiveListener {
             self.stats.downstream_cx_active.get(),
             out,
         );
+        scope.counter(
+            "no_filter_chain_match",
+            self.stats.no_filter_chain_match.get(),
+            out,
+        );
     }
 }
 
@@ -164,6 +222,7 @@ pub struct ListenerManager {
     /// for a rename on the same address), then drain.
     pub(crate) handover: Mutex<Vec<Arc<ActiveListener>>>,
     http_stats: Mutex<HashMap<String, Arc<HttpStatsSource>>>,
+    tcp_stats: Mutex<HashMap<String, Arc<TcpStatsSource>>>,
     workers_started: AtomicBool,
     /// Held while listeners are bound or swapped, so a listener that warms while workers
     /// start is bound exactly once.
@@ -205,6 +264,7 @@ impl ListenerManager {
             draining: Mutex::new(Vec::new()),
             handover: Mutex::new(Vec::new()),
             http_stats: Mutex::new(HashMap::new()),
+            tcp_stats: Mutex::new(HashMap::new()),
             workers_started: AtomicBool::new(false),
             activation: tokio::sync::Mutex::new(()),
             listener_added: Counter::default(),
@@ -251,57 +311,67 @@ impl ListenerManager {
         self.warm(listener, server_init)
     }
 
-    /// Builds a listener with its connection manager (holding the last route configuration
-    /// received for its RDS name, if any) and its own init manager.
+    /// Builds a listener with a handler per filter chain (connection managers holding the
+    /// last route configuration received for their RDS name, if any) and its own init
+    /// manager, with one target per RDS name its chains use.
     fn build(self: &Arc<Self>, config: &Config, added_via_api: bool) -> Arc<ActiveListener> {
-        let NetworkFilter::HttpConnectionManager(hcm_config) = &config.filter_chain.filter;
-        let http_stats = self.http_stats(&hcm_config.stat_prefix);
         let drain = Drain::new();
         if self.drain.is_draining() {
             drain.advance(self.drain.phase());
         }
-        let hcm = Arc::new(HttpConnectionManager::new(
-            hcm_config.clone(),
-            self.clusters.clone(),
-            http_stats,
-            drain.clone(),
-        ));
+        let chains: Vec<ChainHandler> = config
+            .filter_chains
+            .iter()
+            .map(|fc| self.chain_handler(fc, &drain))
+            .collect();
+        let default_chain = config
+            .default_filter_chain
+            .as_ref()
+            .map(|fc| self.chain_handler(fc, &drain));
         let init = init::Manager::new(format!("listener {}", config.name));
-        if let Some(name) = hcm_config.rds_name() {
-            if let Some(rc) = lock(&self.routes).get(name) {
-                hcm.set_route_config(rc.clone());
-            }
-            if let crate::config::listener::RouteSpecifier::Rds {
+        let mut registered_names = std::collections::BTreeSet::new();
+        for fc in config.all_filter_chains() {
+            let NetworkFilter::HttpConnectionManager(hcm_config) = &fc.filter else {
+                continue;
+            };
+            let crate::config::listener::RouteSpecifier::Rds {
+                route_config_name: name,
                 initial_fetch_timeout,
-                ..
             } = &hcm_config.route
-            {
-                let timeout = *initial_fetch_timeout;
-                let rds = self.rds.get().cloned();
-                let rds_name = name.to_string();
-                let registered = init.add_target(format!("RDS {name}"), move |ready| {
-                    tokio::spawn(async move {
-                        let outcome = match rds {
-                            Some(rds) => rds.first_route_config(&rds_name, timeout).await,
-                            None => init::initial_fetch(
+            else {
+                continue;
+            };
+            if !registered_names.insert(name.clone()) {
+                continue;
+            }
+            let timeout = *initial_fetch_timeout;
+            let rds = self.rds.get().cloned();
+            let rds_name = name.clone();
+            let registered = init.add_target(format!("RDS {name}"), move |ready| {
+                tokio::spawn(async move {
+                    let outcome = match rds {
+                        Some(rds) => rds.first_route_config(&rds_name, timeout).await,
+                        None => {
+                            init::initial_fetch(
                                 std::future::pending::<Result<(), String>>(),
                                 timeout,
                             )
-                            .await,
-                        };
-                        tracing::info!(route_config = %rds_name, ?outcome, "RDS initial fetch ended");
-                        ready.ready();
-                    });
+                            .await
+                        }
+                    };
+                    tracing::info!(route_config = %rds_name, ?outcome, "RDS initial fetch ended");
+                    ready.ready();
                 });
-                if let Err(e) = registered {
-                    tracing::warn!(error = %e, "cannot register the RDS init target");
-                }
+            });
+            if let Err(e) = registered {
+                tracing::warn!(error = %e, "cannot register the RDS init target");
             }
         }
         let listener = Arc::new(ActiveListener {
             init,
             config: Arc::new(config.clone()),
-            hcm,
+            chains,
+            default_chain,
             stats: Arc::new(ListenerStats::default()),
             local_address: Mutex::new(None),
             drain,
@@ -311,6 +381,33 @@ impl ListenerManager {
         let weak: Weak<dyn Source> = Arc::downgrade(&listener) as Weak<dyn Source>;
         self.store.register_weak(weak);
         listener
+    }
+
+    /// The handler of one filter chain, sharing the listener's drain.
+    fn chain_handler(&self, fc: &FilterChain, drain: &Drain) -> ChainHandler {
+        match &fc.filter {
+            NetworkFilter::HttpConnectionManager(hcm_config) => {
+                let hcm = Arc::new(HttpConnectionManager::new(
+                    hcm_config.clone(),
+                    self.clusters.clone(),
+                    self.http_stats(&hcm_config.stat_prefix),
+                    drain.clone(),
+                ));
+                if let Some(rc) = hcm_config
+                    .rds_name()
+                    .and_then(|name| lock(&self.routes).get(name).cloned())
+                {
+                    hcm.set_route_config(rc);
+                }
+                ChainHandler::Http(hcm)
+            }
+            NetworkFilter::TcpProxy(tcp_config) => ChainHandler::Tcp(Arc::new(TcpProxy::new(
+                tcp_config.clone(),
+                self.clusters.clone(),
+                self.tcp_stats(&tcp_config.stat_prefix),
+                drain.clone(),
+            ))),
+        }
     }
 
     /// Warms `listener` through `parent` (the server's init manager during initialization);
@@ -457,6 +554,23 @@ impl ListenerManager {
         stats
     }
 
+    /// TCP proxies with the same `stat_prefix` share their stats, as in Envoy.
+    fn tcp_stats(&self, prefix: &str) -> Arc<TcpStats> {
+        let mut map = lock(&self.tcp_stats);
+        if let Some(s) = map.get(prefix) {
+            return s.stats.clone();
+        }
+        let source = Arc::new(TcpStatsSource {
+            stat_prefix: prefix.to_string(),
+            stats: Arc::new(TcpStats::default()),
+        });
+        let weak: Weak<dyn Source> = Arc::downgrade(&source) as Weak<dyn Source>;
+        self.store.register_weak(weak);
+        let stats = source.stats.clone();
+        map.insert(prefix.to_string(), source);
+        stats
+    }
+
     /// Active (warm) listeners, in the order they warmed.
     pub fn listeners(&self) -> Vec<Arc<ActiveListener>> {
         lock(&self.active).clone()
@@ -569,15 +683,21 @@ async fn accept_loop(
             () = closing(&mut phase) => break,
             accepted = socket.accept() => match accepted {
                 Ok((stream, remote)) => {
-                    listener.stats.downstream_cx_total.inc();
                     let local = stream.local_addr().unwrap_or_else(|_| listener.local_address());
-                    let hcm = listener.hcm.clone();
+                    let Some(handler) = listener.handler_for(local, remote).cloned() else {
+                        listener.stats.no_filter_chain_match.inc();
+                        tracing::debug!(listener = %listener.name(), %remote, %local,
+                            "no filter chain matches; closing the connection");
+                        drop(stream);
+                        continue;
+                    };
+                    listener.stats.downstream_cx_total.inc();
                     let stats = listener.stats.clone();
                     let token = connections.clone();
                     tokio::spawn(async move {
                         let _token = token;
                         stats.downstream_cx_active.inc();
-                        hcm.serve_connection(stream, remote, local).await;
+                        handler.serve_connection(stream, remote, local).await;
                         stats.downstream_cx_active.dec();
                     });
                 }
