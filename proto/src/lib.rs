@@ -9,7 +9,9 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
-use std::sync::OnceLock;
+use std::sync::Mutex;
+
+pub mod schema;
 
 use prost::{Message, Name};
 use prost_reflect::{
@@ -33,13 +35,28 @@ pub enum Error {
 }
 
 /// The descriptor pool of every Envoy message Capstan renders or parses.
-pub fn pool() -> &'static DescriptorPool {
-    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
-    POOL.get_or_init(|| {
-        DescriptorPool::decode(DESCRIPTOR_SET)
-            .expect("descriptor set compiled by build.rs is valid")
-    })
+///
+/// Decoded on first use and then kept, until [`release_pool`]: a long-running process that
+/// needs it only now and then (the proxy: its bootstrap at start-up, `/config_dump` on demand)
+/// gives its ≈10 MB back that way. The returned handle is a cheap clone that keeps the pool
+/// alive while it is held.
+pub fn pool() -> DescriptorPool {
+    let mut cached = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    cached
+        .get_or_insert_with(|| {
+            DescriptorPool::decode(DESCRIPTOR_SET)
+                .expect("descriptor set compiled by build.rs is valid")
+        })
+        .clone()
 }
+
+/// Drops the cached pool; it is freed once no handle, descriptor or dynamic message from it is
+/// left, and decoded again by the next [`pool`] call.
+pub fn release_pool() {
+    POOL.lock().unwrap_or_else(|e| e.into_inner()).take();
+}
+
+static POOL: Mutex<Option<DescriptorPool>> = Mutex::new(None);
 
 fn descriptor(full_name: &str) -> Result<prost_reflect::MessageDescriptor, Error> {
     pool()

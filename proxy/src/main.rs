@@ -41,6 +41,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
+    // The descriptor pool was needed only to read the bootstrap's proto3 JSON; xDS updates are
+    // checked without it (`config::supported`). Freed before the runtime allocates anything.
+    capstan_proto::release_pool();
     let options = args.options();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(options.concurrency)

@@ -70,7 +70,13 @@ pub async fn serve(socket: TcpListener, admin: Arc<Admin>, scope: Scope) {
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.handle(req, scope)) }
+                async move {
+                    let response = admin.handle(req, scope);
+                    // JSON renderings (`/config_dump`, `/server_info`, …) decode the descriptor
+                    // pool on demand; it is not kept between requests (≈ a few MB at rest).
+                    capstan_proto::release_pool();
+                    Ok::<_, Infallible>(response)
+                }
             });
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
