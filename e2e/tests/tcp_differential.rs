@@ -1,0 +1,280 @@
+//! Differential test of the TCP proxy and filter chain matching: the same static bootstrap run
+//! by stock Envoy and by capstan-proxy. A listener with TCP proxy chains selected by source
+//! address (longest prefix, no backtracking to less specific chains, a default chain naming a
+//! cluster that does not exist) routes to two echo backends that greet with their name; from
+//! each source address both proxies must reach the same backend (or close the connection), and
+//! pass a half-close through the same way.
+//!
+//! Needs `envoy` on PATH (scripts/test.sh installs it); under `CI=true` its absence fails.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use capstan_e2e::process::{envoy_binary, free_port, temp_dir, wait_live, workspace_bin};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket};
+
+const TCP: &str = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+
+/// A child process killed on drop, its output in a log file.
+struct Running {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Running {
+    fn start(name: &str, mut cmd: Command, dir: &Path) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).expect("create log file");
+        let err = out.try_clone().expect("clone log file");
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self { child, log }
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An echo backend: greets with `<name>\n`, echoes, answers end of stream with `bye <name>\n`
+/// and closes.
+async fn echo_backend(name: &'static str) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                if s.write_all(format!("{name}\n").as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+                let _ = s.write_all(format!("bye {name}\n").as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+fn chain(matcher: &str, cluster: &str) -> String {
+    format!(
+        r#"
+    - filter_chain_match: {matcher}
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": {TCP}
+          stat_prefix: {cluster}
+          cluster: {cluster}"#
+    )
+}
+
+fn bootstrap(admin: u16, listener: u16, a: u16, b: u16) -> String {
+    let cluster = |name: &str, port: u16| {
+        format!(
+            "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}\n"
+        )
+    };
+    let chains = [
+        chain(
+            "{ source_prefix_ranges: [{ address_prefix: 127.0.0.2, prefix_len: 32 }] }",
+            "a",
+        ),
+        chain(
+            "{ source_prefix_ranges: [{ address_prefix: 127.0.0.0, prefix_len: 24 }] }",
+            "b",
+        ),
+        // The longest prefix for 127.0.0.4, but its source port never matches: no fall back
+        // to the /24 chain, the default chain takes it.
+        chain(
+            "{ source_prefix_ranges: [{ address_prefix: 127.0.0.4, prefix_len: 32 }], source_ports: [1] }",
+            "a",
+        ),
+        // A destination port other than the listener's: never selected.
+        chain(&format!("{{ destination_port: {} }}", listener ^ 1), "a"),
+    ];
+    format!(
+        r#"node: {{ id: tcp-diff.default, cluster: tcp-diff }}
+admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }} }}
+static_resources:
+  clusters:
+{ca}{cb}  listeners:
+  - name: tcp
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {listener} }} }}
+    filter_chains:{chains}
+    default_filter_chain:
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": {TCP}
+          stat_prefix: nowhere
+          cluster: nowhere
+"#,
+        ca = cluster("a", a),
+        cb = cluster("b", b),
+        chains = chains.concat(),
+    )
+}
+
+/// What a connection from `source` saw: the greeting, and everything after a half-close.
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    source: &'static str,
+    transcript: Option<String>,
+}
+
+async fn observe(source: &'static str, port: u16) -> Seen {
+    let transcript = async {
+        let socket = TcpSocket::new_v4().ok()?;
+        let ip: std::net::IpAddr = source.parse().ok()?;
+        socket.bind(SocketAddr::new(ip, 0)).ok()?;
+        let mut s = socket
+            .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+            .await
+            .ok()?;
+        // Whatever arrives before end of stream; a closed connection reads nothing.
+        let mut greeting = [0u8; 2];
+        let n = s.read(&mut greeting).await.ok()?;
+        if n == 0 {
+            return Some(String::new());
+        }
+        s.write_all(b"ping\n").await.ok()?;
+        s.shutdown().await.ok()?;
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.ok()?;
+        let mut all = greeting[..n].to_vec();
+        all.extend(rest);
+        String::from_utf8(all).ok()
+    };
+    Seen {
+        source,
+        transcript: tokio::time::timeout(Duration::from_secs(5), transcript)
+            .await
+            .ok()
+            .flatten(),
+    }
+}
+
+const SOURCES: [&str; 5] = [
+    "127.0.0.1",
+    "127.0.0.2",
+    "127.0.0.3",
+    "127.0.0.4",
+    "127.0.1.1",
+];
+
+async fn observe_all(port: u16) -> Vec<Seen> {
+    let mut out = Vec::new();
+    for source in SOURCES {
+        out.push(observe(source, port).await);
+    }
+    out
+}
+
+#[tokio::test]
+async fn tcp_chains_select_the_same_backend_as_envoy() {
+    let Some(envoy) = envoy_binary() else {
+        eprintln!("envoy is not on PATH; differential TCP test not run");
+        return;
+    };
+    let work = temp_dir("tcp-differential");
+    let a = echo_backend("a").await;
+    let b = echo_backend("b").await;
+
+    let (envoy_admin, envoy_port) = (free_port(), free_port());
+    let envoy_bootstrap = work.join("envoy.yaml");
+    std::fs::write(&envoy_bootstrap, bootstrap(envoy_admin, envoy_port, a, b))
+        .expect("write bootstrap");
+    let mut cmd = Command::new(envoy);
+    cmd.arg("-c")
+        .arg(&envoy_bootstrap)
+        .args(["--concurrency", "1", "--log-level", "warn"])
+        .args(["--drain-time-s", "1", "--disable-hot-restart"]);
+    let envoy = Running::start("envoy", cmd, &work);
+
+    let (proxy_admin, proxy_port) = (free_port(), free_port());
+    let proxy_bootstrap = work.join("capstan-proxy.yaml");
+    std::fs::write(&proxy_bootstrap, bootstrap(proxy_admin, proxy_port, a, b))
+        .expect("write bootstrap");
+    let mut cmd = Command::new(workspace_bin("capstan-proxy", "capstan-proxy"));
+    cmd.arg("-c")
+        .arg(&proxy_bootstrap)
+        .args(["--concurrency", "1", "--log-level", "warn"])
+        .args(["--drain-time-s", "1"])
+        .args(["--readiness-address", &format!("127.0.0.1:{}", free_port())]);
+    let proxy = Running::start("capstan-proxy", cmd, &work);
+
+    assert!(
+        wait_live(([127, 0, 0, 1], envoy_admin).into()).await,
+        "envoy did not become LIVE:\n{}",
+        envoy.logs()
+    );
+    assert!(
+        wait_live(([127, 0, 0, 1], proxy_admin).into()).await,
+        "capstan-proxy did not become LIVE:\n{}",
+        proxy.logs()
+    );
+
+    let through_envoy = observe_all(envoy_port).await;
+    let through_proxy = observe_all(proxy_port).await;
+    assert_eq!(
+        through_proxy, through_envoy,
+        "capstan-proxy and Envoy disagree (left: capstan-proxy, right: Envoy)"
+    );
+    // And the agreement is the intended one, not two identical failures.
+    let expected = [
+        Some("b\nping\nbye b\n"),
+        Some("a\nping\nbye a\n"),
+        Some("b\nping\nbye b\n"),
+        Some(""),
+        Some(""),
+    ];
+    let got: Vec<Option<&str>> = through_proxy
+        .iter()
+        .map(|s| s.transcript.as_deref())
+        .collect();
+    assert_eq!(got, expected, "{through_proxy:#?}");
+
+    // Both count the connection to the missing cluster as Envoy does.
+    for (name, admin) in [("envoy", envoy_admin), ("capstan-proxy", proxy_admin)] {
+        let stats = capstan_e2e::client::get(([127, 0, 0, 1], admin).into(), "admin", "/stats")
+            .await
+            .map(|r| r.body)
+            .unwrap_or_default();
+        assert!(
+            stats.contains("tcp.nowhere.downstream_cx_no_route: 2"),
+            "{name}: no_route not counted:\n{stats}"
+        );
+        assert!(
+            stats.contains("tcp.a.downstream_cx_total: 1"),
+            "{name}: tcp.a.downstream_cx_total:\n{stats}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
