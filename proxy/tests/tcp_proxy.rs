@@ -570,3 +570,151 @@ async fn configuration_errors_are_named() {
         "{stderr}"
     );
 }
+
+/// LDS: a TCP proxy listener warms at once (no RDS); an update on the same address takes over
+/// the socket, and the old listener's TCP connections keep flowing for the drain time, then
+/// are closed.
+mod lds {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    use capstan_control_plane::xds::{ResourceSource, Resources, XdsServer};
+    use capstan_proxy::xds::{CLUSTER_TYPE, LISTENER_TYPE};
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::config::listener::v3::Listener;
+    use envoy_types::pb::google::protobuf::Any;
+    use envoy_types::util::pack_any;
+    use tokio::sync::watch;
+
+    use super::*;
+
+    struct Source {
+        items: Mutex<BTreeMap<(&'static str, String), Any>>,
+        changes: watch::Sender<u64>,
+    }
+
+    impl Source {
+        fn put(&self, type_url: &'static str, name: &str, any: Any) {
+            self.items
+                .lock()
+                .expect("lock")
+                .insert((type_url, name.to_string()), any);
+            self.changes.send_modify(|v| *v += 1);
+        }
+    }
+
+    impl ResourceSource for Source {
+        fn resources_for(&self, _node: &Node) -> Arc<Resources> {
+            let mut r = Resources::default();
+            for ((t, n), any) in self.items.lock().expect("lock").iter() {
+                r.by_type
+                    .entry((*t).to_string())
+                    .or_default()
+                    .insert(n.clone(), any.clone());
+            }
+            Arc::new(r)
+        }
+
+        fn changes(&self) -> watch::Receiver<u64> {
+            self.changes.subscribe()
+        }
+    }
+
+    fn yaml<M: prost::Message + prost::Name + Default>(text: &str) -> Any {
+        pack_any(capstan_proto::from_yaml::<M>(text).expect("test resource parses"))
+    }
+
+    fn cluster(name: &str, port: u16) -> Any {
+        yaml::<Cluster>(&format!(
+            "name: {name}\ntype: STATIC\nconnect_timeout: 1s\nload_assignment: {{ cluster_name: {name}, endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }} }}] }}] }}\n"
+        ))
+    }
+
+    fn tcp_listener(port: u16, cluster: &str) -> Any {
+        yaml::<Listener>(&format!(
+            r#"name: tcp
+address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+filter_chains:
+- filters:
+  - name: envoy.filters.network.tcp_proxy
+    typed_config:
+      "@type": {TCP}
+      stat_prefix: tcp
+      cluster: {cluster}
+"#
+        ))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn tcp_listeners_warm_at_once_and_drain_on_update() {
+        let one = TcpBackend::start("one").await;
+        let two = TcpBackend::start("two").await;
+        let source = Arc::new(Source {
+            items: Mutex::new(BTreeMap::new()),
+            changes: watch::channel(0).0,
+        });
+        let xds = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let xds_port = xds.local_addr().expect("addr").port();
+        let server = XdsServer::new(source.clone());
+        tokio::spawn(async move {
+            let _ = server.serve(xds, std::future::pending::<()>()).await;
+        });
+        let port = free_port();
+        source.put(CLUSTER_TYPE, "one", cluster("one", one.port));
+        source.put(CLUSTER_TYPE, "two", cluster("two", two.port));
+        source.put(LISTENER_TYPE, "tcp", tcp_listener(port, "one"));
+        let bootstrap = format!(
+            r#"node: {{ id: tcp-0.default, cluster: tcp }}
+admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: ADMIN_PORT }} }} }}
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{{ envoy_grpc: {{ cluster_name: xds }} }}]
+  cds_config: {{ ads: {{}} }}
+  lds_config: {{ ads: {{}} }}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+    load_assignment:
+      cluster_name: xds
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {xds_port} }} }} }}
+"#
+        );
+        let proxy = Proxy::start(&bootstrap, &["--drain-time-s", "1"]);
+        proxy.wait_live().await;
+        let mut old = connect_from("127.0.0.1", port).await;
+        assert_eq!(read_line(&mut old).await.as_deref(), Some("one"));
+
+        source.put(LISTENER_TYPE, "tcp", tcp_listener(port, "two"));
+        assert!(
+            eventually(Duration::from_secs(10), async || {
+                backend_of("127.0.0.1", port).await.as_deref() == Some("two")
+            })
+            .await,
+            "the updated listener did not take over:\n{}",
+            proxy.stderr()
+        );
+        let replaced = Instant::now();
+        assert!(stat_becomes(&proxy, "listener_manager.listener_modified", 1).await);
+        // The old listener's connection keeps flowing while it drains...
+        old.write_all(b"still\n").await.expect("write");
+        assert_eq!(read_line(&mut old).await.as_deref(), Some("still"));
+        // ...and is closed when the drain time ends.
+        assert_eq!(read_to_end(&mut old).await.as_deref(), Some(""));
+        let closed = replaced.elapsed();
+        assert!(
+            closed >= Duration::from_millis(500) && closed < Duration::from_secs(4),
+            "closed after {closed:?}"
+        );
+    }
+}

@@ -342,7 +342,7 @@ fn check_distinct_matches(
                 errors.push(
                     &path.index(i).field("filter_chain_match"),
                     format!(
-                        "multiple filter chains with the same matching rules are defined ('{}' and '{}')",
+                        "multiple filter chains with overlapping matching rules are defined ('{}' and '{}')",
                         chain_name(j),
                         chain_name(i)
                     ),
@@ -478,16 +478,22 @@ fn cidrs(ranges: &[CidrRange], path: &Path, errors: &mut Errors) -> Vec<Cidr> {
             continue;
         };
         let len = r.prefix_len.map(|l| l.value).unwrap_or(0);
-        match u8::try_from(len).ok().and_then(|l| Cidr::new(address, l)) {
-            Some(c) => {
-                if !out.contains(&c) {
-                    out.push(c);
-                }
-            }
-            None => errors.push(
+        if len > 128 {
+            errors.push(
                 &rpath.field("prefix_len"),
-                format!("invalid prefix length {len} for {address}"),
-            ),
+                format!("{len} is more than 128"),
+            );
+            continue;
+        }
+        // Envoy clamps an IPv4 length to 32.
+        let len = match address {
+            IpAddr::V4(_) => len.min(32),
+            IpAddr::V6(_) => len,
+        };
+        if let Some(c) = u8::try_from(len).ok().and_then(|l| Cidr::new(address, l))
+            && !out.contains(&c)
+        {
+            out.push(c);
         }
     }
     out
@@ -1032,7 +1038,7 @@ filter_chains:
                 "stat_prefix: a\n      cluster: a"
             ),
             tcp_chain(
-                "{ prefix_ranges: [{ address_prefix: 10.0.0.0, prefix_len: 33 }] }",
+                "{ prefix_ranges: [{ address_prefix: '::', prefix_len: 129 }] }",
                 "stat_prefix: a\n      cluster: a"
             ),
         ))
@@ -1041,7 +1047,7 @@ filter_chains:
             "listener.filter_chains[0].filter_chain_match.server_names: unsupported field (matching on server names needs the TLS inspector listener filter, which is not implemented yet)",
             "listener.filter_chains[1].filter_chain_match.application_protocols: unsupported field (matching on application protocols needs the HTTP or TLS inspector listener filter, which is not implemented yet)",
             "listener.filter_chains[1].filter_chain_match.transport_protocol: unsupported value tls (needs the TLS inspector listener filter, which is not implemented yet; supported: raw_buffer)",
-            "listener.filter_chains[2].filter_chain_match.prefix_ranges[0].prefix_len: invalid prefix length 33 for 10.0.0.0",
+            "listener.filter_chains[2].filter_chain_match.prefix_ranges[0].prefix_len: 129 is more than 128",
         ];
         for e in expected {
             assert!(errs.iter().any(|x| x == e), "missing {e:?} in {errs:#?}");
@@ -1063,6 +1069,20 @@ filter_chains:
                 "listener.filter_chains[1].filter_chain_match: filter chain 'filter_chains[1]' has the same matching rules defined as 'filter_chains[0]'"
             ]
         );
+        // Envoy clamps IPv4 lengths to 32: 10.0.0.1/40 overlaps 10.0.0.1/32.
+        let errs = tcp_listener(&format!(
+            "{}{}",
+            tcp_chain(
+                "{ prefix_ranges: [{ address_prefix: 10.0.0.1, prefix_len: 40 }] }",
+                "stat_prefix: a\n      cluster: a"
+            ),
+            tcp_chain(
+                "{ prefix_ranges: [{ address_prefix: 10.0.0.1, prefix_len: 32 }] }",
+                "stat_prefix: a\n      cluster: a"
+            ),
+        ))
+        .expect_err("invalid");
+        assert_eq!(errs.len(), 1, "{errs:#?}");
         let errs = tcp_listener(&format!(
             "{}{}",
             tcp_chain(
@@ -1078,7 +1098,7 @@ filter_chains:
         assert_eq!(
             errs,
             vec![
-                "listener.filter_chains[1].filter_chain_match: multiple filter chains with the same matching rules are defined ('filter_chains[0]' and 'filter_chains[1]')"
+                "listener.filter_chains[1].filter_chain_match: multiple filter chains with overlapping matching rules are defined ('filter_chains[0]' and 'filter_chains[1]')"
             ]
         );
     }
