@@ -1,7 +1,8 @@
 //! The supported subset of Envoy's configuration, as one table.
 //!
-//! Every message the proxy reads is walked by reflection (`prost-reflect`, through the
-//! descriptor pool of `capstan-proto`); any field that is set but not listed for its message
+//! Every message the proxy reads is walked in its wire form against `capstan_proto::schema`
+//! (field numbers and names generated from the Envoy protos; no descriptor pool, whose ≈10 MB
+//! would outweigh the rest of the proxy at rest); any field that is set but not listed for its message
 //! type is reported as unsupported, with its path. This is default-deny: a message type missing
 //! from the table is itself an error, so a new nested message cannot slip through unchecked.
 //! Values (enum members, ranges, cross references) are checked by the typed translation in the
@@ -12,8 +13,8 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
+use capstan_proto::schema::{self, FieldKind};
 use prost::{Message, Name};
-use prost_reflect::{DynamicMessage, MapKey, ReflectMessage, Value};
 
 use super::errors::{Errors, Path};
 
@@ -472,27 +473,38 @@ fn table() -> &'static HashMap<&'static str, &'static [&'static str]> {
 
 /// Reports every field of `msg` (recursively) that the proxy does not implement.
 pub fn check<M: Message + Name>(msg: &M, path: &Path, errors: &mut Errors) {
-    match capstan_proto::to_dynamic(msg) {
-        Ok(dynamic) => walk(&dynamic, path, errors),
-        Err(e) => errors.push(path, format!("cannot inspect {}: {e}", M::full_name())),
-    }
+    walk(&M::full_name(), &msg.encode_to_vec(), path, errors);
 }
 
-fn walk(msg: &DynamicMessage, path: &Path, errors: &mut Errors) {
-    let descriptor = msg.descriptor();
-    let type_name = descriptor.full_name();
+/// Walks a serialized message of type `type_name` against the table.
+fn walk(type_name: &str, bytes: &[u8], path: &Path, errors: &mut Errors) {
     if OPEN.contains(&type_name) {
         return;
     }
     if type_name == "google.protobuf.Any" {
-        return walk_any(msg, path, errors);
+        return walk_any(bytes, path, errors);
     }
     let Some(allowed) = table().get(type_name) else {
         errors.push(path, format!("unsupported message {type_name}"));
         return;
     };
-    for (field, value) in msg.fields() {
-        let name = field.name();
+    let Some(message) = schema::message(type_name) else {
+        errors.push(path, format!("unknown message type {type_name}"));
+        return;
+    };
+    let fields = match schema::set_fields(message, bytes) {
+        Ok(fields) => fields,
+        Err(e) => return errors.push(path, format!("cannot read {type_name}: {e}")),
+    };
+    for field in fields {
+        let Some(schema) = field.schema else {
+            errors.push(
+                path,
+                format!("unknown field number {} of {type_name}", field.number),
+            );
+            continue;
+        };
+        let name = schema.name;
         let field_path = path.field(name);
         if !allowed.contains(&name) {
             let hint = HINTS
@@ -503,52 +515,47 @@ fn walk(msg: &DynamicMessage, path: &Path, errors: &mut Errors) {
             errors.push(&field_path, format!("unsupported field{hint}"));
             continue;
         }
-        walk_value(value, &field_path, errors);
-    }
-}
-
-fn walk_value(value: &Value, path: &Path, errors: &mut Errors) {
-    match value {
-        Value::Message(m) => walk(m, path, errors),
-        Value::List(items) => {
-            for (i, item) in items.iter().enumerate() {
-                walk_value(item, &path.index(i), errors);
+        match schema.kind {
+            FieldKind::Scalar | FieldKind::Map(None) => {}
+            FieldKind::Message(inner) if schema.repeated => {
+                for (i, payload) in field.payloads.iter().enumerate() {
+                    walk(inner, payload, &field_path.index(i), errors);
+                }
+            }
+            FieldKind::Message(inner) => {
+                // A singular message sent twice is merged by decoders; each part is checked.
+                for payload in &field.payloads {
+                    walk(inner, payload, &field_path, errors);
+                }
+            }
+            FieldKind::Map(Some(inner)) => {
+                let mut entries = Vec::with_capacity(field.payloads.len());
+                for payload in &field.payloads {
+                    match schema::map_entry(payload) {
+                        Ok(entry) => entries.push(entry),
+                        Err(e) => errors.push(&field_path, format!("cannot read entry: {e}")),
+                    }
+                }
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                for (key, value) in entries {
+                    walk(inner, value, &field_path.key(&key), errors);
+                }
             }
         }
-        Value::Map(entries) => {
-            let mut entries: Vec<_> = entries.iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(b.0));
-            for (key, item) in entries {
-                let key = match key {
-                    MapKey::String(s) => s.clone(),
-                    other => format!("{other:?}"),
-                };
-                walk_value(item, &path.key(&key), errors);
-            }
-        }
-        _ => {}
     }
 }
 
 /// An `Any` is checked as the message it carries when that message type is in the table; an
 /// extension type the proxy does not know is reported by the typed translation, which names
 /// the extension (`unsupported filter type.googleapis.com/...`).
-fn walk_any(msg: &DynamicMessage, path: &Path, errors: &mut Errors) {
-    let type_url = match msg.get_field_by_name("type_url").as_deref() {
-        Some(Value::String(s)) => s.clone(),
-        _ => return,
+fn walk_any(bytes: &[u8], path: &Path, errors: &mut Errors) {
+    let (type_url, value) = match schema::any(bytes) {
+        Ok(parts) => parts,
+        Err(e) => return errors.push(path, format!("cannot read Any: {e}")),
     };
     let name = type_url.rsplit('/').next().unwrap_or(&type_url);
-    if !table().contains_key(name) {
-        return;
-    }
-    let bytes = match msg.get_field_by_name("value").as_deref() {
-        Some(Value::Bytes(b)) => b.clone(),
-        _ => Default::default(),
-    };
-    match capstan_proto::decode_dynamic(&type_url, &bytes) {
-        Ok(inner) => walk(&inner, path, errors),
-        Err(e) => errors.push(path, format!("cannot decode {type_url}: {e}")),
+    if table().contains_key(name) {
+        walk(name, value, path, errors);
     }
 }
 
@@ -559,14 +566,12 @@ mod tests {
 
     #[test]
     fn every_table_entry_names_real_fields() {
-        let pool = capstan_proto::pool();
         for (message, fields) in SUPPORTED {
-            let desc = pool
-                .get_message_by_name(message)
-                .unwrap_or_else(|| panic!("{message} is not in the descriptor pool"));
+            let desc = schema::message(message)
+                .unwrap_or_else(|| panic!("{message} is not in the compiled schema"));
             for f in *fields {
                 assert!(
-                    desc.get_field_by_name(f).is_some(),
+                    desc.fields.iter().any(|d| d.name == *f),
                     "{message} has no field {f}"
                 );
             }
