@@ -1,7 +1,7 @@
 //! Differential test of the TCP proxy and filter chain matching: the same static bootstrap run
 //! by stock Envoy and by capstan-proxy. A listener with TCP proxy chains selected by source
 //! address (longest prefix, no backtracking to less specific chains, a default chain naming a
-//! cluster that does not exist) routes to two echo backends that greet with their name; from
+//! cluster that does not exist, a cluster whose host refuses connections) routes to two echo backends that greet with their name; from
 //! each source address both proxies must reach the same backend (or close the connection), and
 //! pass a half-close through the same way.
 //!
@@ -95,7 +95,7 @@ fn chain(matcher: &str, cluster: &str) -> String {
     )
 }
 
-fn bootstrap(admin: u16, listener: u16, a: u16, b: u16) -> String {
+fn bootstrap(admin: u16, listener: u16, a: u16, b: u16, dead: u16) -> String {
     let cluster = |name: &str, port: u16| {
         format!(
             "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}\n"
@@ -116,6 +116,11 @@ fn bootstrap(admin: u16, listener: u16, a: u16, b: u16) -> String {
             "{ source_prefix_ranges: [{ address_prefix: 127.0.0.4, prefix_len: 32 }], source_ports: [1] }",
             "a",
         ),
+        // Nothing listens on the backend port: the connection is closed.
+        chain(
+            "{ source_prefix_ranges: [{ address_prefix: 127.0.0.5, prefix_len: 32 }] }",
+            "dead",
+        ),
         // A destination port other than the listener's: never selected.
         chain(&format!("{{ destination_port: {} }}", listener ^ 1), "a"),
     ];
@@ -124,7 +129,7 @@ fn bootstrap(admin: u16, listener: u16, a: u16, b: u16) -> String {
 admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }} }}
 static_resources:
   clusters:
-{ca}{cb}  listeners:
+{ca}{cb}{cd}  listeners:
   - name: tcp
     address: {{ socket_address: {{ address: 127.0.0.1, port_value: {listener} }} }}
     filter_chains:{chains}
@@ -138,6 +143,7 @@ static_resources:
 "#,
         ca = cluster("a", a),
         cb = cluster("b", b),
+        cd = cluster("dead", dead),
         chains = chains.concat(),
     )
 }
@@ -181,11 +187,12 @@ async fn observe(source: &'static str, port: u16) -> Seen {
     }
 }
 
-const SOURCES: [&str; 5] = [
+const SOURCES: [&str; 6] = [
     "127.0.0.1",
     "127.0.0.2",
     "127.0.0.3",
     "127.0.0.4",
+    "127.0.0.5",
     "127.0.1.1",
 ];
 
@@ -206,11 +213,15 @@ async fn tcp_chains_select_the_same_backend_as_envoy() {
     let work = temp_dir("tcp-differential");
     let a = echo_backend("a").await;
     let b = echo_backend("b").await;
+    let dead = free_port();
 
     let (envoy_admin, envoy_port) = (free_port(), free_port());
     let envoy_bootstrap = work.join("envoy.yaml");
-    std::fs::write(&envoy_bootstrap, bootstrap(envoy_admin, envoy_port, a, b))
-        .expect("write bootstrap");
+    std::fs::write(
+        &envoy_bootstrap,
+        bootstrap(envoy_admin, envoy_port, a, b, dead),
+    )
+    .expect("write bootstrap");
     let mut cmd = Command::new(envoy);
     cmd.arg("-c")
         .arg(&envoy_bootstrap)
@@ -220,8 +231,11 @@ async fn tcp_chains_select_the_same_backend_as_envoy() {
 
     let (proxy_admin, proxy_port) = (free_port(), free_port());
     let proxy_bootstrap = work.join("capstan-proxy.yaml");
-    std::fs::write(&proxy_bootstrap, bootstrap(proxy_admin, proxy_port, a, b))
-        .expect("write bootstrap");
+    std::fs::write(
+        &proxy_bootstrap,
+        bootstrap(proxy_admin, proxy_port, a, b, dead),
+    )
+    .expect("write bootstrap");
     let mut cmd = Command::new(workspace_bin("capstan-proxy", "capstan-proxy"));
     cmd.arg("-c")
         .arg(&proxy_bootstrap)
@@ -254,6 +268,7 @@ async fn tcp_chains_select_the_same_backend_as_envoy() {
         Some("b\nping\nbye b\n"),
         Some(""),
         Some(""),
+        Some(""),
     ];
     let got: Vec<Option<&str>> = through_proxy
         .iter()
@@ -271,10 +286,18 @@ async fn tcp_chains_select_the_same_backend_as_envoy() {
             stats.contains("tcp.nowhere.downstream_cx_no_route: 2"),
             "{name}: no_route not counted:\n{stats}"
         );
-        assert!(
-            stats.contains("tcp.a.downstream_cx_total: 1"),
-            "{name}: tcp.a.downstream_cx_total:\n{stats}"
-        );
+        for expected in [
+            "tcp.a.downstream_cx_total: 1",
+            "tcp.dead.downstream_cx_total: 1",
+            "cluster.dead.upstream_cx_connect_fail: 1",
+            "cluster.b.upstream_cx_total: 2",
+            "cluster.b.upstream_cx_active: 0",
+        ] {
+            assert!(
+                stats.contains(expected),
+                "{name}: no {expected:?} in\n{stats}"
+            );
+        }
     }
     let _ = std::fs::remove_dir_all(&work);
 }
