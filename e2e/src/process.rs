@@ -129,10 +129,29 @@ pub fn start_control_plane_on(
     xds: SocketAddr,
     admin: SocketAddr,
 ) -> ControlPlane {
-    let mut cmd = Command::new(workspace_bin(
-        "capstan-control-plane",
-        "capstan-control-plane",
-    ));
+    let cmd = control_plane_command(
+        &workspace_bin("capstan-control-plane", "capstan-control-plane"),
+        config_dir,
+        xds,
+        admin,
+    );
+    ControlPlane {
+        proc: spawn("control-plane", cmd, work),
+        xds,
+        admin,
+    }
+}
+
+/// The command line the tests run the control plane `binary` with: the file provider on
+/// `config_dir`, xDS and admin on the given addresses, a 50 ms debounce, `RUST_LOG=info`. (The
+/// benchmark binary runs the release build with the same arguments.)
+pub fn control_plane_command(
+    binary: &Path,
+    config_dir: &Path,
+    xds: SocketAddr,
+    admin: SocketAddr,
+) -> Command {
+    let mut cmd = Command::new(binary);
     cmd.args(["--provider", "file", "--config-dir"])
         .arg(config_dir)
         .args([
@@ -143,11 +162,7 @@ pub fn start_control_plane_on(
         ])
         .args(["--debounce-ms", "50"])
         .env("RUST_LOG", "info");
-    ControlPlane {
-        proc: spawn("control-plane", cmd, work),
-        xds,
-        admin,
-    }
+    cmd
 }
 
 /// Which ADS flavour Envoy uses.
@@ -303,19 +318,26 @@ pub const OUTBOUND: SocketAddr =
 pub struct OutboundPortLock(PathBuf);
 
 impl OutboundPortLock {
+    const PATH: &str = "/tmp/capstan-15001.lock";
+
     pub fn acquire() -> Self {
-        let path = PathBuf::from("/tmp/capstan-15001.lock");
-        let deadline = std::time::Instant::now() + Duration::from_secs(180);
+        Self::acquire_within(Duration::from_secs(180))
+            .unwrap_or_else(|| panic!("{} is held for too long", Self::PATH))
+    }
+
+    /// Like [`acquire`](Self::acquire), but gives up (`None`) after `limit` instead of
+    /// panicking.
+    pub fn acquire_within(limit: Duration) -> Option<Self> {
+        let path = PathBuf::from(Self::PATH);
+        let deadline = std::time::Instant::now() + limit;
         loop {
             match std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .open(&path)
             {
-                Ok(_) => return Self(path),
-                Err(_) if std::time::Instant::now() > deadline => {
-                    panic!("{} is held for too long", path.display())
-                }
+                Ok(_) => return Some(Self(path)),
+                Err(_) if std::time::Instant::now() > deadline => return None,
                 Err(_) => {
                     let stale = std::fs::metadata(&path)
                         .and_then(|m| m.modified())
@@ -329,6 +351,16 @@ impl OutboundPortLock {
                 }
             }
         }
+    }
+
+    /// Marks the lock as fresh (its modification time is now), so waiters do not take it for
+    /// a killed test's leftover. A holder that keeps it longer than two minutes (the
+    /// benchmark) calls this at least once a minute.
+    pub fn refresh(&self) -> std::io::Result<()> {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.0)?
+            .set_modified(std::time::SystemTime::now())
     }
 }
 

