@@ -51,9 +51,12 @@ pub fn pool() -> DescriptorPool {
 }
 
 /// Drops the cached pool; it is freed once no handle, descriptor or dynamic message from it is
-/// left, and decoded again by the next [`pool`] call.
-pub fn release_pool() {
-    POOL.lock().unwrap_or_else(|e| e.into_inner()).take();
+/// left, and decoded again by the next [`pool`] call. Returns whether a pool was cached.
+pub fn release_pool() -> bool {
+    POOL.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .is_some()
 }
 
 static POOL: Mutex<Option<DescriptorPool>> = Mutex::new(None);

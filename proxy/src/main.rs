@@ -6,6 +6,7 @@
 use std::process::ExitCode;
 
 use capstan_proxy::bootstrap::{self, Args, EX_USAGE};
+use capstan_proxy::memory;
 use capstan_proxy::server::Server;
 use clap::Parser;
 
@@ -43,8 +44,10 @@ fn main() -> ExitCode {
     };
     // The descriptor pool was needed only to read the bootstrap's proto3 JSON; xDS updates are
     // checked without it (`config::supported`). Freed before the runtime allocates anything.
-    capstan_proto::release_pool();
+    let _ = capstan_proto::release_pool();
     let options = args.options();
+    memory::limit_arenas(options.concurrency);
+    memory::release_free_heap();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(options.concurrency)
         .enable_all()

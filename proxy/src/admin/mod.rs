@@ -74,7 +74,9 @@ pub async fn serve(socket: TcpListener, admin: Arc<Admin>, scope: Scope) {
                     let response = admin.handle(req, scope);
                     // JSON renderings (`/config_dump`, `/server_info`, …) decode the descriptor
                     // pool on demand; it is not kept between requests (≈ a few MB at rest).
-                    capstan_proto::release_pool();
+                    if capstan_proto::release_pool() {
+                        crate::memory::release_free_heap();
+                    }
                     Ok::<_, Infallible>(response)
                 }
             });
