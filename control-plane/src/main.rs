@@ -48,6 +48,7 @@ enum Command {
 #[derive(Clone, Copy, ValueEnum)]
 enum ProviderKind {
     File,
+    Kubernetes,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -76,6 +77,9 @@ struct RunArgs {
     /// Quiet time after a file change before the directory is re-read.
     #[arg(long, default_value_t = 100, env = "CAPSTAN_DEBOUNCE_MS")]
     debounce_ms: u64,
+    /// Kubernetes provider: namespaces to watch (comma-separated); empty: all namespaces.
+    #[arg(long, value_delimiter = ',', env = "CAPSTAN_WATCH_NAMESPACES")]
+    watch_namespaces: Vec<String>,
 }
 
 /// EX_USAGE: the command line or configuration is wrong.
@@ -144,30 +148,55 @@ fn run(args: RunArgs) -> ExitCode {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
-    let ProviderKind::File = args.provider;
-    let Some(config_dir) = args.config_dir else {
-        eprintln!("error: --provider file needs --config-dir DIR");
-        return ExitCode::from(EX_USAGE);
-    };
-    if !config_dir.is_dir() {
-        eprintln!(
-            "error: --config-dir {}: not a directory",
-            config_dir.display()
-        );
-        return ExitCode::from(EX_USAGE);
-    }
-    let config = runtime::Config {
-        config_dir,
-        xds_addr: args.xds_addr,
-        admin_addr: args.admin_addr,
-        debounce: Duration::from_millis(args.debounce_ms),
-    };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
+    };
+    let provider = match args.provider {
+        ProviderKind::File => {
+            let Some(dir) = args.config_dir else {
+                eprintln!("error: --provider file needs --config-dir DIR");
+                return ExitCode::from(EX_USAGE);
+            };
+            if !dir.is_dir() {
+                eprintln!("error: --config-dir {}: not a directory", dir.display());
+                return ExitCode::from(EX_USAGE);
+            }
+            runtime::Provider::File {
+                dir,
+                debounce: Duration::from_millis(args.debounce_ms),
+            }
+        }
+        ProviderKind::Kubernetes => {
+            // In-cluster service account, else KUBECONFIG / ~/.kube/config.
+            let client = match rt.block_on(kube::Client::try_default()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!(
+                        "error: --provider kubernetes: no usable Kubernetes configuration (in-cluster service account or KUBECONFIG): {e}"
+                    );
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            let namespaces = args
+                .watch_namespaces
+                .into_iter()
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect();
+            runtime::Provider::Kubernetes {
+                client,
+                options: provider::kube::Options { namespaces },
+            }
+        }
+    };
+    let config = runtime::Config {
+        provider,
+        xds_addr: args.xds_addr,
+        admin_addr: args.admin_addr,
     };
     match rt.block_on(runtime::run(config, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,

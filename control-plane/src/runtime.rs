@@ -130,10 +130,20 @@ impl ResourceSource for TranslatedSource {
 
 /// Settings of a running control plane.
 pub struct Config {
-    pub config_dir: PathBuf,
+    pub provider: Provider,
     pub xds_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    pub debounce: Duration,
+}
+
+/// Where the objects come from.
+pub enum Provider {
+    /// A directory of YAML, re-read `debounce` after the last change.
+    File { dir: PathBuf, debounce: Duration },
+    /// A Kubernetes API server (in-cluster configuration or `KUBECONFIG`).
+    Kubernetes {
+        client: kube::Client,
+        options: crate::provider::kube::Options,
+    },
 }
 
 struct Admin {
@@ -161,16 +171,15 @@ impl crate::admin::AdminState for Admin {
     }
 }
 
-/// Runs the control plane with the file provider until `shutdown` resolves.
+/// Runs the control plane until `shutdown` resolves.
 pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    if !config.config_dir.is_dir() {
-        anyhow::bail!(
-            "--config-dir {}: not a directory",
-            config.config_dir.display()
-        );
+    if let Provider::File { dir, .. } = &config.provider
+        && !dir.is_dir()
+    {
+        anyhow::bail!("--config-dir {}: not a directory", dir.display());
     }
     let xds_listener = tokio::net::TcpListener::bind(config.xds_addr)
         .await
@@ -192,14 +201,26 @@ pub async fn run(
         source: source.clone(),
         xds: server.stats(),
     });
-    tracing::info!(xds = %config.xds_addr, admin = %config.admin_addr, dir = %config.config_dir.display(), "control plane starting");
-
-    let provider = tokio::spawn(crate::provider::file::run(
-        config.config_dir.clone(),
-        store.clone(),
-        config.debounce,
-        stopped(),
-    ));
+    let provider = match config.provider {
+        Provider::File { dir, debounce } => {
+            tracing::info!(xds = %config.xds_addr, admin = %config.admin_addr, dir = %dir.display(), "control plane starting");
+            tokio::spawn(crate::provider::file::run(
+                dir,
+                store.clone(),
+                debounce,
+                stopped(),
+            ))
+        }
+        Provider::Kubernetes { client, options } => {
+            tracing::info!(xds = %config.xds_addr, admin = %config.admin_addr, "control plane starting (Kubernetes)");
+            tokio::spawn(crate::provider::kube::run(
+                client,
+                options,
+                store.clone(),
+                stopped(),
+            ))
+        }
+    };
     let admin_task = tokio::spawn(crate::admin::serve(admin_listener, admin, stopped()));
     // xDS is served only once the provider has loaded everything: a proxy that connects (or
     // reconnects after a restart) before that would be sent an incomplete snapshot and drop
@@ -223,7 +244,7 @@ pub async fn run(
     }
     match provider.await {
         Ok(result) => result,
-        Err(e) => Err(anyhow::anyhow!("file provider task failed: {e}")),
+        Err(e) => Err(anyhow::anyhow!("provider task failed: {e}")),
     }
 }
 

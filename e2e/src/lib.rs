@@ -1,13 +1,15 @@
 //! Harness for Capstan's end-to-end tests: real processes on real sockets.
 //!
 //! Starts the control plane binary, stock Envoy (the interop peer) and in-process HTTP test
-//! backends, and gives tests a tiny HTTP/1.1 client. Nothing here is mocked: the only fake
-//! in the whole suite is the Kubernetes API server, which this module does not need.
+//! backends, and gives tests a tiny HTTP/1.1 client. Nothing here is mocked but the one thing
+//! that cannot run on these machines: the Kubernetes API server ([`fake_kube`], real HTTP
+//! list/watch for kube-rs's real client).
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 pub mod backend;
 pub mod client;
+pub mod fake_kube;
 pub mod fixtures;
 pub mod process;
 

@@ -1,0 +1,282 @@
+//! The Kubernetes provider against a fake API server that speaks real HTTP list/watch, driven
+//! through kube-rs's real client: initial sync, updates, invalid objects, deletes, watch
+//! restarts, `410 Gone` re-lists, API-server outages and namespace-limited watching.
+
+use std::time::Duration;
+
+use capstan_control_plane::provider::kube::{Options, run};
+use capstan_control_plane::store::{ObjectKey, Store, StoreSnapshot};
+use capstan_e2e::eventually;
+use capstan_e2e::fake_kube::FakeApiServer;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+const SERVICES: &str = "api/v1/services";
+const ROUTES: &str = "apis/capstan.dev/v1alpha1/serviceroutes";
+
+fn service(ns: &str, name: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": { "name": name, "namespace": ns },
+        "spec": { "ports": [{ "name": "http", "port": 80 }] },
+    })
+}
+
+fn slice(ns: &str, service: &str, ip: &str) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("{service}-abc"), "namespace": ns,
+            "labels": { "kubernetes.io/service-name": service },
+        },
+        "addressType": "IPv4",
+        "endpoints": [{ "addresses": [ip], "conditions": { "ready": true } }],
+        "ports": [{ "name": "http", "port": 8080 }],
+    })
+}
+
+fn route(ns: &str, name: &str, parent: &str, prefix: &str) -> Value {
+    json!({
+        "apiVersion": "capstan.dev/v1alpha1", "kind": "ServiceRoute",
+        "metadata": { "name": name, "namespace": ns },
+        "spec": {
+            "parentRefs": [{ "name": parent }],
+            "rules": [{
+                "matches": [{ "path": { "type": "PathPrefix", "value": prefix } }],
+                "backendRefs": [{ "name": parent, "port": 80 }],
+            }],
+        },
+    })
+}
+
+struct Running {
+    store: Store,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    async fn start(api: &FakeApiServer, namespaces: &[&str]) -> Running {
+        let url = api.url().parse().expect("url");
+        let client = kube::Client::try_from(kube::Config::new(url)).expect("kube client");
+        let store = Store::new();
+        let (tx, rx) = oneshot::channel::<()>();
+        let options = Options {
+            namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
+        };
+        let task = tokio::spawn(run(client, options, store.clone(), async {
+            let _ = rx.await;
+        }));
+        Running {
+            store,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    async fn until(&self, what: &str, check: impl Fn(&StoreSnapshot) -> bool) -> StoreSnapshot {
+        let store = self.store.clone();
+        eventually(what, Duration::from_secs(20), || {
+            let s = store.snapshot();
+            let ok = check(&s);
+            async move { ok.then(|| (*s).clone()) }
+        })
+        .await
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let result = tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("provider stops on shutdown")
+            .expect("provider task");
+        result.expect("provider ends cleanly");
+    }
+}
+
+fn key(ns: &str, name: &str) -> ObjectKey {
+    ObjectKey::new(ns, name)
+}
+
+#[tokio::test]
+async fn syncs_then_follows_updates_invalid_objects_and_deletes() {
+    let api = FakeApiServer::start().await;
+    api.apply(service("shop", "web"));
+    api.apply(slice("shop", "web", "10.0.0.1"));
+    api.apply(route("shop", "r", "web", "/a"));
+    let running = Running::start(&api, &[]).await;
+
+    let s = running
+        .until("the initial sync", |s| s.synced && s.routes.len() == 1)
+        .await;
+    assert_eq!(s.services.len(), 1);
+    assert_eq!(s.endpoint_slices.len(), 1);
+    assert!(s.diagnostics.is_empty(), "{:?}", s.diagnostics);
+
+    // A valid update is followed.
+    api.apply(route("shop", "r", "web", "/b"));
+    running
+        .until("the route update", |s| {
+            s.routes.get(&key("shop", "r")).is_some_and(|r| {
+                serde_json::to_value(&r.spec).expect("json")["rules"][0]["matches"][0]["path"]
+                    ["value"]
+                    == "/b"
+            })
+        })
+        .await;
+
+    // An invalid update keeps the last valid version and says why, naming the field.
+    let mut bad = route("shop", "r", "web", "/c");
+    bad["spec"]["parentRefs"][0]["port"] = json!(0);
+    api.apply(bad);
+    let s = running
+        .until("the diagnostic", |s| !s.diagnostics.is_empty())
+        .await;
+    let d = &s.diagnostics[0];
+    assert_eq!(d.object.as_deref(), Some("ServiceRoute shop/r"), "{d}");
+    assert!(d.message.contains("spec.parentRefs[0].port"), "{d}");
+    let kept = serde_json::to_value(&s.routes[&key("shop", "r")].spec).expect("json");
+    assert_eq!(kept["rules"][0]["matches"][0]["path"]["value"], "/b");
+
+    // An unknown field in our CRD is an error too (strict, like kubectl's field validation).
+    let mut typo = route("shop", "other", "web", "/x");
+    typo["spec"]["rulez"] = json!([]);
+    api.apply(typo);
+    let s = running
+        .until("the typo diagnostic", |s| s.diagnostics.len() == 2)
+        .await;
+    assert!(
+        s.diagnostics.iter().any(|d| d.message.contains("rulez")),
+        "{:?}",
+        s.diagnostics
+    );
+    assert!(!s.routes.contains_key(&key("shop", "other")));
+
+    // Deletes remove the object and its diagnostic.
+    assert!(api.delete(ROUTES, "shop", "r"));
+    let s = running
+        .until("the delete", |s| !s.routes.contains_key(&key("shop", "r")))
+        .await;
+    assert_eq!(s.diagnostics.len(), 1, "{:?}", s.diagnostics);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn outages_and_410_gone_keep_the_served_snapshot_until_the_relist_completes() {
+    let api = FakeApiServer::start().await;
+    api.apply(service("shop", "web"));
+    api.apply(service("shop", "api"));
+    api.apply(route("shop", "r", "web", "/a"));
+    let running = Running::start(&api, &[]).await;
+    running
+        .until("the initial sync", |s| s.synced && s.services.len() == 2)
+        .await;
+    let generation = running.store.snapshot().generation;
+
+    // The API server goes away; what was served stays, unchanged.
+    api.set_down(true);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = running.store.snapshot();
+    assert_eq!(during.services.len(), 2);
+    assert_eq!(during.routes.len(), 1);
+    assert_eq!(
+        during.generation, generation,
+        "nothing published while down"
+    );
+
+    // Meanwhile a Service is deleted and the history compacted (watches from the old
+    // resourceVersion get 410 Gone): only a full re-list can see the delete.
+    assert!(api.delete(SERVICES, "shop", "api"));
+    api.apply(route("shop", "r2", "web", "/b"));
+    api.compact();
+    api.set_down(false);
+    let s = running
+        .until("the re-list after the outage", |s| {
+            s.services.len() == 1 && s.routes.len() == 2
+        })
+        .await;
+    assert!(s.services.contains_key(&key("shop", "web")));
+
+    // A watch cut by the server (timeout, restart) resumes and keeps following.
+    api.break_watches();
+    api.apply(service("shop", "late"));
+    running
+        .until("an update after the watch restarted", |s| {
+            s.services.contains_key(&key("shop", "late"))
+        })
+        .await;
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn watch_namespaces_limits_what_is_read() {
+    let api = FakeApiServer::start().await;
+    api.apply(service("shop", "web"));
+    api.apply(service("other", "web"));
+    api.apply(route("other", "r", "web", "/a"));
+    let running = Running::start(&api, &["shop"]).await;
+    let s = running.until("the initial sync", |s| s.synced).await;
+    assert_eq!(
+        s.services.keys().cloned().collect::<Vec<_>>(),
+        vec![key("shop", "web")]
+    );
+    assert!(s.routes.is_empty());
+    let requests = api.requests();
+    assert!(
+        requests.iter().all(|r| r.contains("/namespaces/shop/")),
+        "every list/watch is namespaced: {requests:?}"
+    );
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn the_binary_serves_readiness_only_after_the_kubernetes_caches_synced() {
+    let api = FakeApiServer::start().await;
+    api.apply(service("shop", "web"));
+    api.set_down(true);
+    let dir = capstan_e2e::process::temp_dir("cp-kube");
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{ server: \"{}\" }}\nusers:\n- name: u\n  user: {{ token: t }}\ncontexts:\n- name: c\n  context: {{ cluster: fake, user: u }}\ncurrent-context: c\n",
+            api.url()
+        ),
+    )
+    .expect("write kubeconfig");
+    let admin = capstan_e2e::process::free_port();
+    let xds = capstan_e2e::process::free_port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_capstan-control-plane"))
+        .args(["--provider", "kubernetes", "--watch-namespaces", "shop"])
+        .arg("--admin-addr")
+        .arg(format!("127.0.0.1:{admin}"))
+        .arg("--xds-addr")
+        .arg(format!("127.0.0.1:{xds}"))
+        .env("KUBECONFIG", &kubeconfig)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the control plane");
+    let readyz = move || async move {
+        capstan_e2e::client::get(([127, 0, 0, 1], admin).into(), "localhost", "/readyz")
+            .await
+            .ok()
+            .map(|r| r.status)
+    };
+    let first = eventually("the admin port", Duration::from_secs(20), || async {
+        readyz().await
+    })
+    .await;
+    assert_eq!(first, 503, "not ready while the API server is down");
+    api.set_down(false);
+    eventually(
+        "readiness after the sync",
+        Duration::from_secs(20),
+        || async { (readyz().await == Some(200)).then_some(()) },
+    )
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+}
