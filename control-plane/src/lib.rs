@@ -15,8 +15,10 @@
 
 pub mod admin;
 pub mod api;
+pub mod leader;
 pub mod provider;
 pub mod runtime;
+pub mod status_writer;
 pub mod store;
 pub mod translate;
 pub mod xds;

@@ -80,6 +80,25 @@ struct RunArgs {
     /// Kubernetes provider: namespaces to watch (comma-separated); empty: all namespaces.
     #[arg(long, value_delimiter = ',', env = "CAPSTAN_WATCH_NAMESPACES")]
     watch_namespaces: Vec<String>,
+    /// Kubernetes provider: the namespace of this control plane (its Lease lives there).
+    #[arg(long, default_value = "capstan-system", env = "CAPSTAN_NAMESPACE")]
+    namespace: String,
+    /// Kubernetes provider: this replica's identity in leader election (its pod name).
+    #[arg(long, env = "CAPSTAN_POD_NAME")]
+    pod_name: Option<String>,
+    /// Kubernetes provider: the Lease that elects the replica writing status.
+    #[arg(
+        long,
+        default_value = "capstan-control-plane",
+        env = "CAPSTAN_LEASE_NAME"
+    )]
+    lease_name: String,
+    /// Seconds a leader holds the Lease without renewing it before another replica may take it.
+    #[arg(long, default_value_t = 15, env = "CAPSTAN_LEASE_DURATION_S")]
+    lease_duration_s: u64,
+    /// Seconds between the leader's renewals (and the others' attempts).
+    #[arg(long, default_value_t = 2, env = "CAPSTAN_LEASE_RENEW_S")]
+    lease_renew_s: u64,
 }
 
 /// EX_USAGE: the command line or configuration is wrong.
@@ -187,9 +206,28 @@ fn run(args: RunArgs) -> ExitCode {
                 .map(|n| n.trim().to_string())
                 .filter(|n| !n.is_empty())
                 .collect();
+            if args.lease_renew_s == 0 || args.lease_renew_s >= args.lease_duration_s {
+                eprintln!(
+                    "error: --lease-renew-s ({}) must be positive and shorter than --lease-duration-s ({})",
+                    args.lease_renew_s, args.lease_duration_s
+                );
+                return ExitCode::from(EX_USAGE);
+            }
+            let identity = args
+                .pod_name
+                .filter(|p| !p.is_empty())
+                .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+                .unwrap_or_else(|| format!("capstan-{}", std::process::id()));
             runtime::Provider::Kubernetes {
                 client,
                 options: provider::kube::Options { namespaces },
+                election: capstan_control_plane::leader::Config {
+                    namespace: args.namespace,
+                    name: args.lease_name,
+                    identity,
+                    lease_duration: Duration::from_secs(args.lease_duration_s),
+                    renew_every: Duration::from_secs(args.lease_renew_s),
+                },
             }
         }
     };

@@ -143,6 +143,8 @@ pub enum Provider {
     Kubernetes {
         client: kube::Client,
         options: crate::provider::kube::Options,
+        /// The Lease that decides which replica writes status.
+        election: crate::leader::Config,
     },
 }
 
@@ -211,8 +213,25 @@ pub async fn run(
                 stopped(),
             ))
         }
-        Provider::Kubernetes { client, options } => {
-            tracing::info!(xds = %config.xds_addr, admin = %config.admin_addr, "control plane starting (Kubernetes)");
+        Provider::Kubernetes {
+            client,
+            options,
+            election,
+        } => {
+            tracing::info!(xds = %config.xds_addr, admin = %config.admin_addr, identity = %election.identity, "control plane starting (Kubernetes)");
+            let (leading_tx, leading_rx) = watch::channel(false);
+            tokio::spawn(crate::leader::run(
+                client.clone(),
+                election,
+                leading_tx,
+                stopped(),
+            ));
+            tokio::spawn(crate::status_writer::run(
+                client.clone(),
+                store.clone(),
+                leading_rx,
+                stopped(),
+            ));
             tokio::spawn(crate::provider::kube::run(
                 client,
                 options,

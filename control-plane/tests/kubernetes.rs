@@ -280,3 +280,193 @@ async fn the_binary_serves_readiness_only_after_the_kubernetes_caches_synced() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+fn elector(
+    api: &FakeApiServer,
+    identity: &str,
+) -> (
+    tokio::sync::watch::Receiver<bool>,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let url = api.url().parse().expect("url");
+    let client = kube::Client::try_from(kube::Config::new(url)).expect("kube client");
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let config = capstan_control_plane::leader::Config {
+        namespace: "capstan-system".into(),
+        name: "capstan-control-plane".into(),
+        identity: identity.into(),
+        lease_duration: Duration::from_secs(2),
+        renew_every: Duration::from_millis(200),
+    };
+    let task = tokio::spawn(capstan_control_plane::leader::run(
+        client,
+        config,
+        tx,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    (rx, stop, task)
+}
+
+async fn becomes(rx: &mut tokio::sync::watch::Receiver<bool>, leading: bool, within: Duration) {
+    tokio::time::timeout(within, rx.wait_for(|l| *l == leading))
+        .await
+        .unwrap_or_else(|_| panic!("leading={leading} not reached within {within:?}"))
+        .expect("election running");
+}
+
+#[tokio::test]
+async fn one_leader_fails_over_within_the_lease_and_hands_over_on_shutdown() {
+    let api = FakeApiServer::start().await;
+    let (mut a, stop_a, task_a) = elector(&api, "cp-a");
+    becomes(&mut a, true, Duration::from_secs(5)).await;
+    let (mut b, stop_b, task_b) = elector(&api, "cp-b");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(*a.borrow() && !*b.borrow(), "exactly one leader");
+    let lease = api
+        .get(
+            "apis/coordination.k8s.io/v1/leases",
+            "capstan-system",
+            "capstan-control-plane",
+        )
+        .expect("the lease exists");
+    assert_eq!(lease["spec"]["holderIdentity"], "cp-a");
+    assert_eq!(lease["spec"]["leaseDurationSeconds"], 2);
+
+    // A crashes (no release): B takes over once the lease has not been renewed for its
+    // duration, and not before.
+    task_a.abort();
+    drop(stop_a);
+    let crashed = std::time::Instant::now();
+    becomes(&mut b, true, Duration::from_secs(5)).await;
+    let took = crashed.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(4),
+        "fail-over after {took:?} (lease 2 s)"
+    );
+    let lease = api
+        .get(
+            "apis/coordination.k8s.io/v1/leases",
+            "capstan-system",
+            "capstan-control-plane",
+        )
+        .expect("lease");
+    assert_eq!(lease["spec"]["holderIdentity"], "cp-b");
+    assert_eq!(lease["spec"]["leaseTransitions"], 1);
+
+    // A comes back as a follower; B shuts down cleanly and releases: A leads at once.
+    let (mut a, stop_a, task_a) = elector(&api, "cp-a");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!*a.borrow(), "the returning replica follows");
+    let _ = stop_b.send(());
+    task_b.await.expect("b stops");
+    let released = std::time::Instant::now();
+    becomes(&mut a, true, Duration::from_secs(5)).await;
+    assert!(
+        released.elapsed() < Duration::from_millis(1500),
+        "a released lease is taken at the next attempt, took {:?}",
+        released.elapsed()
+    );
+    let _ = stop_a.send(());
+    task_a.await.expect("a stops");
+}
+
+#[tokio::test]
+async fn the_leader_writes_conditions_once_and_again_only_when_they_change() {
+    let api = FakeApiServer::start().await;
+    api.apply(service("shop", "web"));
+    api.apply(slice("shop", "web", "10.0.0.1"));
+    api.apply(route("shop", "good", "web", "/a"));
+    let mut missing = route("shop", "bad", "web", "/b");
+    missing["spec"]["rules"][0]["backendRefs"][0]["name"] = json!("nope");
+    api.apply(missing);
+
+    let running = Running::start(&api, &[]).await;
+    let url = api.url().parse().expect("url");
+    let client = kube::Client::try_from(kube::Config::new(url)).expect("kube client");
+    let (leading_tx, leading_rx) = tokio::sync::watch::channel(false);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let writer = tokio::spawn(capstan_control_plane::status_writer::run(
+        client,
+        running.store.clone(),
+        leading_rx,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    // Not the leader: nothing is written.
+    running.until("the initial sync", |s| s.synced).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let patches = |api: &FakeApiServer| {
+        api.requests()
+            .iter()
+            .filter(|r| r.starts_with("PATCH") && r.contains("/status"))
+            .count()
+    };
+    assert_eq!(patches(&api), 0, "a follower writes nothing");
+
+    let _ = leading_tx.send(true);
+    let condition = |o: &Value, t: &str| -> Option<Value> {
+        o["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == t)
+            .cloned()
+    };
+    let bad = eventually("the bad route's status", Duration::from_secs(10), || {
+        let o = api.get(ROUTES, "shop", "bad");
+        async move { o.filter(|o| condition(o, "ResolvedRefs").is_some()) }
+    })
+    .await;
+    let resolved = condition(&bad, "ResolvedRefs").expect("ResolvedRefs");
+    assert_eq!(resolved["status"], "False");
+    assert_eq!(resolved["reason"], "BackendNotFound");
+    assert!(
+        resolved["message"].as_str().unwrap_or("").contains("nope"),
+        "{resolved}"
+    );
+    assert_eq!(resolved["observedGeneration"], 1);
+    assert!(resolved["lastTransitionTime"].is_string());
+    let good = eventually("the good route's status", Duration::from_secs(10), || {
+        let o = api.get(ROUTES, "shop", "good");
+        async move { o.filter(|o| condition(o, "Accepted").is_some()) }
+    })
+    .await;
+    assert_eq!(
+        condition(&good, "Accepted").expect("Accepted")["status"],
+        "True"
+    );
+    assert_eq!(
+        condition(&good, "ResolvedRefs").expect("ResolvedRefs")["status"],
+        "True"
+    );
+
+    // Settled: no more writes while nothing changes (the writer's own status updates come
+    // back through the watch and match).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let settled = patches(&api);
+    assert_eq!(settled, 2, "{:?}", api.requests());
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(patches(&api), settled, "no rewrite of unchanged statuses");
+
+    // Fixing the bad route (a new generation) is written once more, with the new generation
+    // and a new transition time for the flipped condition.
+    api.apply(route("shop", "bad", "web", "/b"));
+    let fixed =
+        eventually("the fixed route's status", Duration::from_secs(10), || {
+            let o = api.get(ROUTES, "shop", "bad");
+            async move {
+                o.filter(|o| condition(o, "ResolvedRefs").is_some_and(|c| c["status"] == "True"))
+            }
+        })
+        .await;
+    let c = condition(&fixed, "ResolvedRefs").expect("ResolvedRefs");
+    assert_eq!(c["observedGeneration"], 2);
+    assert_ne!(c["lastTransitionTime"], resolved["lastTransitionTime"]);
+    let _ = stop.send(());
+    writer.await.expect("writer stops");
+    running.stop().await;
+}
