@@ -108,6 +108,18 @@ fn unknown_fields_and_bad_flags_are_usage_errors() {
     let (code, stderr) = run(&["-c", path.to_str().expect("path"), "--log-level", "loud"]);
     assert_eq!(code, Some(64));
     assert!(stderr.contains("--log-level"), "{stderr}");
+
+    let (code, stderr) = run(&[
+        "--xds-address",
+        "http://127.0.0.1:18000",
+        "--node-id",
+        "a.b",
+        "--node-metadata",
+        "APP_PORTS",
+    ]);
+    assert_eq!(code, Some(64));
+    assert!(stderr.contains("--node-metadata"), "{stderr}");
+    assert!(stderr.contains("KEY=VALUE"), "{stderr}");
     let _ = std::fs::remove_dir_all(dir);
 }
 

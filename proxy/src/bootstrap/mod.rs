@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::config::bootstrap::v3 as pb;
 use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 
 use crate::config::{self, ConfigError};
 use crate::server::Options;
@@ -71,6 +72,11 @@ pub struct Args {
     /// `node.id` (same as `--service-node`), required with `--xds-address`.
     #[arg(long = "node-id", value_name = "ID")]
     pub node_id: Option<String>,
+
+    /// Adds a string field to `node.metadata` (repeatable; a later KEY wins, and the flag wins
+    /// over the bootstrap file's value), e.g. `--node-metadata APP_PORTS=8080,9090`.
+    #[arg(long = "node-metadata", value_name = "KEY=VALUE", value_parser = parse_node_metadata)]
+    pub node_metadata: Vec<(String, String)>,
 
     /// Address of the readiness-only listener (serves `/ready`).
     #[arg(long = "readiness-address", default_value = "0.0.0.0:15021")]
@@ -199,10 +205,10 @@ pub fn from_xds_address(address: &str, args: &Args) -> Result<config::Bootstrap,
 }
 
 /// `--service-node` (or `--node-id`) and `--service-cluster` override the bootstrap's node,
-/// as in Envoy.
+/// as in Envoy; `--node-metadata KEY=VALUE` sets string fields of its metadata.
 fn apply_node_flags(b: &mut pb::Bootstrap, args: &Args) {
     let id = args.node_id.as_ref().or(args.service_node.as_ref());
-    if id.is_none() && args.service_cluster.is_none() {
+    if id.is_none() && args.service_cluster.is_none() && args.node_metadata.is_empty() {
         return;
     }
     let node = b.node.get_or_insert_with(Node::default);
@@ -211,6 +217,28 @@ fn apply_node_flags(b: &mut pb::Bootstrap, args: &Args) {
     }
     if let Some(cluster) = &args.service_cluster {
         node.cluster = cluster.clone();
+    }
+    if !args.node_metadata.is_empty() {
+        let metadata = node.metadata.get_or_insert_with(Struct::default);
+        for (key, value) in &args.node_metadata {
+            metadata.fields.insert(
+                key.clone(),
+                Value {
+                    kind: Some(Kind::StringValue(value.clone())),
+                },
+            );
+        }
+    }
+}
+
+/// `--node-metadata KEY=VALUE`: a non-empty key without whitespace; the value may be empty
+/// and may itself contain `=`.
+fn parse_node_metadata(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() && !key.chars().any(char::is_whitespace) => {
+            Ok((key.to_string(), value.to_string()))
+        }
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
     }
 }
 
@@ -244,6 +272,61 @@ mod tests {
             b.source.node.as_ref().map(|n| n.id.as_str()),
             Some("web-0.shop")
         );
+    }
+
+    fn metadata(b: &config::Bootstrap, key: &str) -> Option<String> {
+        // What the xDS client sends: the bootstrap's node as given (with its metadata).
+        let field = b.source.node.as_ref()?.metadata.as_ref()?.fields.get(key)?;
+        match &field.kind {
+            Some(Kind::StringValue(s)) => Some(s.clone()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn node_metadata_flags_add_string_fields() {
+        let a = args(&[
+            "--xds-address",
+            "http://127.0.0.1:18000",
+            "--node-id",
+            "web-0.shop",
+            "--node-metadata",
+            "NAMESPACE=shop",
+            "--node-metadata",
+            "APP_PORTS=8080,9090",
+            "--node-metadata",
+            "EMPTY=",
+            "--node-metadata",
+            "EXPR=a=b",
+        ]);
+        let b = load(&a).expect("valid");
+        assert_eq!(metadata(&b, "NAMESPACE").as_deref(), Some("shop"));
+        assert_eq!(metadata(&b, "APP_PORTS").as_deref(), Some("8080,9090"));
+        assert_eq!(metadata(&b, "EMPTY").as_deref(), Some(""));
+        assert_eq!(metadata(&b, "EXPR").as_deref(), Some("a=b"));
+    }
+
+    #[test]
+    fn node_metadata_flags_merge_into_the_bootstrap_node() {
+        let a = args(&["--node-metadata", "APP_PORTS=8080"]);
+        let b = from_text(
+            "node: { id: web-0.shop, metadata: { APP_PORTS: \"1\", OTHER: kept } }\n",
+            &a,
+            "b.yaml",
+        )
+        .expect("valid");
+        assert_eq!(b.node.id, "web-0.shop");
+        assert_eq!(metadata(&b, "APP_PORTS").as_deref(), Some("8080"));
+        assert_eq!(metadata(&b, "OTHER").as_deref(), Some("kept"));
+    }
+
+    #[test]
+    fn node_metadata_needs_key_equals_value() {
+        for bad in ["APP_PORTS", "=8080", "A B=1"] {
+            let err = Args::try_parse_from(["capstan-proxy", "--node-metadata", bad])
+                .expect_err("invalid");
+            assert!(err.to_string().contains("--node-metadata"), "{err}");
+        }
     }
 
     #[test]
