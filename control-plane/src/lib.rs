@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod inject;
 pub mod leader;
 pub mod provider;
 pub mod runtime;

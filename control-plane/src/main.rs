@@ -99,6 +99,34 @@ struct RunArgs {
     /// Seconds between the leader's renewals (and the others' attempts).
     #[arg(long, default_value_t = 2, env = "CAPSTAN_LEASE_RENEW_S")]
     lease_renew_s: u64,
+    /// Kubernetes provider: the injector webhook's HTTPS address (needs --injector-config).
+    #[arg(long, default_value = "0.0.0.0:8443", env = "CAPSTAN_WEBHOOK_ADDR")]
+    webhook_addr: SocketAddr,
+    /// The injector webhook's Service (its certificate's DNS names).
+    #[arg(
+        long,
+        default_value = "capstan-webhook",
+        env = "CAPSTAN_WEBHOOK_SERVICE"
+    )]
+    webhook_service: String,
+    /// The MutatingWebhookConfiguration whose caBundle the control plane maintains.
+    #[arg(
+        long,
+        default_value = "capstan-sidecar-injector",
+        env = "CAPSTAN_WEBHOOK_CONFIG"
+    )]
+    webhook_config: String,
+    /// The Secret holding the webhook's CA and serving certificate.
+    #[arg(
+        long,
+        default_value = "capstan-webhook-tls",
+        env = "CAPSTAN_WEBHOOK_SECRET"
+    )]
+    webhook_secret: String,
+    /// What the injector adds to pods (the Helm chart's ConfigMap); without it the webhook is
+    /// off.
+    #[arg(long, env = "CAPSTAN_INJECTOR_CONFIG")]
+    injector_config: Option<PathBuf>,
 }
 
 /// EX_USAGE: the command line or configuration is wrong.
@@ -218,8 +246,29 @@ fn run(args: RunArgs) -> ExitCode {
                 .filter(|p| !p.is_empty())
                 .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
                 .unwrap_or_else(|| format!("capstan-{}", std::process::id()));
+            let injector = match args.injector_config.filter(|p| !p.as_os_str().is_empty()) {
+                None => None,
+                Some(path) => match capstan_control_plane::inject::config::load(&path) {
+                    Ok(config) => Some(Box::new((
+                        capstan_control_plane::inject::server::Settings {
+                            addr: args.webhook_addr,
+                            namespace: args.namespace.clone(),
+                            service: args.webhook_service,
+                            secret: args.webhook_secret,
+                            webhook_config: args.webhook_config,
+                            config_path: path,
+                        },
+                        config,
+                    ))),
+                    Err(e) => {
+                        eprintln!("error: --injector-config: {e}");
+                        return ExitCode::from(EX_USAGE);
+                    }
+                },
+            };
             runtime::Provider::Kubernetes {
                 client,
+                injector,
                 options: provider::kube::Options { namespaces },
                 election: capstan_control_plane::leader::Config {
                     namespace: args.namespace,

@@ -110,7 +110,8 @@ impl ResourceSource for TranslatedSource {
         }
         self.translations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let resources = to_resources(&translate::translate(&snapshot, &info));
+        let mut resources = to_resources(&translate::translate(&snapshot, &info));
+        resources.generation = snapshot.generation;
         // Nodes of different shapes often receive identical resources (no inbound listener
         // differences): share one copy.
         let shared = cache
@@ -145,6 +146,13 @@ pub enum Provider {
         options: crate::provider::kube::Options,
         /// The Lease that decides which replica writes status.
         election: crate::leader::Config,
+        /// The sidecar injector webhook, when configured.
+        injector: Option<
+            Box<(
+                crate::inject::server::Settings,
+                crate::inject::config::InjectorConfig,
+            )>,
+        >,
     },
 }
 
@@ -217,7 +225,20 @@ pub async fn run(
             client,
             options,
             election,
+            injector,
         } => {
+            if let Some(injector) = injector {
+                let (settings, injector_config) = *injector;
+                let client = client.clone();
+                let stop = stopped();
+                tokio::spawn(async move {
+                    if let Err(e) =
+                        crate::inject::server::run(client, settings, injector_config, stop).await
+                    {
+                        tracing::error!("injector webhook: {e:#}");
+                    }
+                });
+            }
             tracing::info!(xds = %config.xds_addr, admin = %config.admin_addr, identity = %election.identity, "control plane starting (Kubernetes)");
             let (leading_tx, leading_rx) = watch::channel(false);
             tokio::spawn(crate::leader::run(
@@ -229,6 +250,7 @@ pub async fn run(
             tokio::spawn(crate::status_writer::run(
                 client.clone(),
                 store.clone(),
+                server.acks(),
                 leading_rx,
                 stopped(),
             ));

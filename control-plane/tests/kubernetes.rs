@@ -392,6 +392,7 @@ async fn the_leader_writes_conditions_once_and_again_only_when_they_change() {
     let writer = tokio::spawn(capstan_control_plane::status_writer::run(
         client,
         running.store.clone(),
+        std::sync::Arc::default(),
         leading_rx,
         async {
             let _ = stopped.await;

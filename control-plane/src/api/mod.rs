@@ -57,4 +57,34 @@ pub struct ObjectStatus {
     /// `Accepted` and `ResolvedRefs`.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// Which connected proxies run a configuration that contains this version of the object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxies: Option<ProxiesStatus>,
+}
+
+/// How the connected proxies took this version of the object (beyond Gateway API: the
+/// conditions say what the control plane made of it, this says whether the data plane has it).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxiesStatus {
+    /// Proxies connected to the control plane that wrote this status.
+    pub connected: u32,
+    /// Of those, how many have ACKed a configuration that contains this version.
+    pub acked: u32,
+    /// Proxies that rejected (NACKed) a configuration containing this version, and why (at
+    /// most ten listed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nacked: Vec<ProxyNack>,
+}
+
+/// One proxy's rejection.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyNack {
+    /// The proxy's xDS node id (`<pod>.<namespace>`).
+    pub node: String,
+    /// The xDS type it rejected (`type.googleapis.com/envoy.config.route.v3.RouteConfiguration`).
+    pub type_url: String,
+    /// The proxy's error, naming the field.
+    pub message: String,
 }

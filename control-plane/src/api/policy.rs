@@ -17,7 +17,8 @@ use super::{Duration, ObjectStatus};
     shortname = "svcpolicy",
     category = "capstan",
     printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.targetRef.name"}"#,
-    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Proxies","type":"string","jsonPath":".status.proxies.acked"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ServicePolicySpec {

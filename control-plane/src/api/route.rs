@@ -18,6 +18,7 @@ use super::ObjectStatus;
     shortname = "svcroute",
     category = "capstan",
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Proxies","type":"string","jsonPath":".status.proxies.acked"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]

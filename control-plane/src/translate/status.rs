@@ -138,6 +138,8 @@ impl Statuses {
                             entry.generation,
                         ),
                     ],
+                    // Filled in by the status writer, which sees the proxies.
+                    proxies: None,
                 };
                 (id, status)
             })

@@ -84,6 +84,9 @@ impl TypeState {
         // Wildcard subscribers wait for a first response to finish initializing, even an empty one.
         let first_wildcard = self.wildcard && !self.responded;
         if resources.is_empty() && removed.is_empty() && !first_wildcard {
+            if self.responded {
+                ctx.on_unchanged(type_url, &set_version(type_url, desired.iter().copied()));
+            }
             return None;
         }
         for resource in &resources {

@@ -24,6 +24,7 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::protobuf::Any;
 use tokio::sync::watch;
 
+pub mod acks;
 mod delta;
 mod nacks;
 mod server;
@@ -32,6 +33,7 @@ mod stats;
 mod stream;
 pub mod version;
 
+pub use acks::{AckRegistry, ProxyState};
 pub use nacks::{MAX_NODES as NACK_LOG_MAX_NODES, NACKS_PER_NODE, NackLog, NackRecord};
 pub use server::{ServeError, XdsServer};
 pub use stats::XdsStats;
@@ -49,6 +51,8 @@ pub const PUSH_ORDER: [&str; 4] = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, R
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Resources {
     pub by_type: BTreeMap<String, BTreeMap<String, Any>>,
+    /// The store generation these resources were translated from (for [`acks`]).
+    pub generation: u64,
 }
 
 /// Where the server gets resources from. Implemented by the wiring over store + translator.

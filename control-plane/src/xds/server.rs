@@ -39,6 +39,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::acks::AckRegistry;
 use super::delta::Delta;
 use super::nacks::NackLog;
 use super::sotw::Sotw;
@@ -83,6 +84,8 @@ impl XdsServer {
             source,
             stats: Arc::new(XdsStats::new()),
             nacks: Arc::new(NackLog::new()),
+            acks: Arc::default(),
+            next_stream: Default::default(),
             shutdown: shutdown_rx,
         });
         Self { shared, shutdown }
@@ -91,6 +94,11 @@ impl XdsServer {
     /// The server's counters (live; keeps working after `serve` took the server).
     pub fn stats(&self) -> Arc<XdsStats> {
         self.shared.stats.clone()
+    }
+
+    /// What each connected proxy has ACKed and NACKed (live).
+    pub fn acks(&self) -> Arc<AckRegistry> {
+        self.shared.acks.clone()
     }
 
     /// Recent NACKs per node (live; keeps working after `serve` took the server).

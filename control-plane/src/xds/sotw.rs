@@ -83,6 +83,7 @@ impl TypeState {
             None => self.wildcard || !resources.is_empty(),
         };
         if !send {
+            ctx.on_unchanged(type_url, &version);
             return None;
         }
         let nonce = next_nonce();

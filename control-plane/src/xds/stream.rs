@@ -25,6 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tracing::{Instrument, debug, info_span, warn};
 
+use super::acks::AckRegistry;
 use super::nacks::{NackLog, NackRecord};
 use super::stats::XdsStats;
 use super::{CLUSTER_TYPE, LISTENER_TYPE, PUSH_ORDER, ResourceSource, Resources};
@@ -40,6 +41,9 @@ pub(crate) struct Shared {
     pub(crate) source: Arc<dyn ResourceSource>,
     pub(crate) stats: Arc<XdsStats>,
     pub(crate) nacks: Arc<NackLog>,
+    pub(crate) acks: Arc<AckRegistry>,
+    /// Numbers streams for the ACK registry.
+    pub(crate) next_stream: std::sync::atomic::AtomicU64,
     /// Becomes `true` (or its sender is dropped) when the server shuts down.
     pub(crate) shutdown: watch::Receiver<bool>,
 }
@@ -61,6 +65,23 @@ pub(crate) struct StreamCtx {
     node: Option<Node>,
     /// The node's resources as of the last change this stream saw.
     pub(crate) snapshot: Arc<Resources>,
+    /// This stream's number in the ACK registry.
+    pub(crate) id: u64,
+    /// (type URL, nonce, store generation) of the latest responses, to map ACKs and NACKs back
+    /// to the generation they accept or reject.
+    pub(crate) sent: std::sync::Mutex<std::collections::VecDeque<(String, String, u64)>>,
+    /// Type URL → the version the proxy last ACKed.
+    pub(crate) acked_versions: std::sync::Mutex<BTreeMap<String, String>>,
+}
+
+/// Responses remembered per stream for ACK attribution (a few per type suffice: proxies ACK
+/// the latest nonce).
+const SENT_REMEMBERED: usize = 32;
+
+impl Drop for StreamCtx {
+    fn drop(&mut self) {
+        self.shared.acks.remove(self.id);
+    }
 }
 
 impl StreamCtx {
@@ -93,8 +114,43 @@ impl StreamCtx {
         self.snapshot.by_type.get(type_url)
     }
 
+    fn generation_of(&self, type_url: &str, nonce: &str) -> Option<u64> {
+        self.sent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .rev()
+            .find(|(t, n, _)| t == type_url && n == nonce)
+            .map(|(_, _, g)| *g)
+    }
+
+    /// A push found nothing new to send for `type_url` (its content is `version`): if the proxy
+    /// ACKed that version, it runs the current generation's configuration for this type.
+    pub(crate) fn on_unchanged(&self, type_url: &str, version: &str) {
+        let acked = self
+            .acked_versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(type_url)
+            .is_some_and(|v| v == version);
+        if acked {
+            self.shared
+                .acks
+                .ack(self.id, self.node_id(), type_url, self.snapshot.generation);
+        }
+    }
+
     pub(crate) fn on_ack(&self, type_url: &str, version: &str, nonce: &str) {
         self.shared.stats.ack();
+        self.acked_versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(type_url.to_string(), version.to_string());
+        if let Some(generation) = self.generation_of(type_url, nonce) {
+            self.shared
+                .acks
+                .ack(self.id, self.node_id(), type_url, generation);
+        }
         debug!(node = self.node_id(), type_url, version, nonce, "ACK");
     }
 
@@ -106,6 +162,15 @@ impl StreamCtx {
         error: &RpcStatus,
     ) {
         self.shared.stats.nack();
+        if let Some(generation) = self.generation_of(type_url, nonce) {
+            self.shared.acks.nack(
+                self.id,
+                self.node_id(),
+                type_url,
+                generation,
+                &error.message,
+            );
+        }
         warn!(
             node = self.node_id(),
             type_url,
@@ -141,6 +206,16 @@ impl StreamCtx {
         removed: usize,
     ) {
         self.shared.stats.response_sent(type_url);
+        let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+        if sent.len() >= SENT_REMEMBERED {
+            sent.pop_front();
+        }
+        sent.push_back((
+            type_url.to_string(),
+            nonce.to_string(),
+            self.snapshot.generation,
+        ));
+        drop(sent);
         debug!(
             node = self.node_id(),
             type_url, version, nonce, resources, removed, "response"
@@ -278,6 +353,11 @@ async fn run_stream<P, S>(
         scope,
         node: None,
         snapshot: Arc::new(Resources::default()),
+        id: shared
+            .next_stream
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        sent: Default::default(),
+        acked_versions: Default::default(),
     };
     let mut out: Vec<P::Response> = Vec::new();
     debug!("stream opened");
@@ -383,6 +463,8 @@ mod tests {
             source: Arc::new(Empty),
             stats: Arc::default(),
             nacks: Arc::default(),
+            acks: Arc::default(),
+            next_stream: Default::default(),
             shutdown: rx,
         });
         let ctx = StreamCtx {
@@ -390,13 +472,14 @@ mod tests {
             scope: Scope::Only(CLUSTER_TYPE),
             node: None,
             snapshot: Arc::default(),
+            id: 0,
+            sent: Default::default(),
+            acked_versions: Default::default(),
         };
         assert_eq!(ctx.resolve_type("").ok().as_deref(), Some(CLUSTER_TYPE));
         assert!(ctx.resolve_type(ENDPOINT_TYPE).is_err());
-        let ctx = StreamCtx {
-            scope: Scope::Aggregated,
-            ..ctx
-        };
+        let mut ctx = ctx;
+        ctx.scope = Scope::Aggregated;
         assert!(ctx.resolve_type("").is_err());
     }
 }
