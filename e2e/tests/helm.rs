@@ -1055,7 +1055,7 @@ fn default_values_render_the_contract() {
     let injector = r.injector_config();
     assert_eq!(injector["xdsAddress"], "capstan.capstan-system.svc:18000");
     assert_eq!(injector["runAsUser"], 1337);
-    assert_eq!(injector["drainTimeSeconds"], 45);
+    assert_eq!(injector["drainTimeSeconds"], 5);
     // What the chart renders, by kind.
     let mut kinds: Vec<&str> = r
         .objects

@@ -8,7 +8,7 @@
 //! xdsAddress: "capstan.capstan-system.svc:18000"   # HOST:PORT; the proxy gets http://HOST:PORT
 //! concurrency: 2
 //! logLevel: "info"
-//! drainTimeSeconds: 45
+//! drainTimeSeconds: 5
 //! runAsUser: 1337                                  # also the GID; never 0
 //! ports: { outbound: 15001, inbound: 15006, admin: 15000, readiness: 15021 }
 //! resources: { requests: { cpu: 50m, memory: 32Mi }, limits: { memory: 256Mi } }
@@ -100,7 +100,7 @@ impl Default for InjectorConfig {
             xds_address: "capstan.capstan-system.svc:18000".to_string(),
             concurrency: 2,
             log_level: "info".to_string(),
-            drain_time_seconds: 45,
+            drain_time_seconds: 5,
             run_as_user: 1337,
             ports: Ports::default(),
             resources: ResourceRequirements {
@@ -411,7 +411,7 @@ imagePullPolicy: "IfNotPresent"
 xdsAddress: "capstan.capstan-system.svc:18000"
 concurrency: 2
 logLevel: "info"
-drainTimeSeconds: 45
+drainTimeSeconds: 5
 runAsUser: 1337
 ports:
   outbound: 15001

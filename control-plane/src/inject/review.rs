@@ -823,7 +823,7 @@ mod tests {
                 "--log-level",
                 "info",
                 "--drain-time-s",
-                "45",
+                "5",
                 "--node-metadata",
                 "NAMESPACE=$(POD_NAMESPACE)",
                 "--node-metadata",
