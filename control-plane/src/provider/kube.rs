@@ -284,7 +284,8 @@ async fn watch_source(
                 tracing::warn!(
                     kind = kind.as_str(),
                     namespaces = where_,
-                    "watch failed, retrying: {e}"
+                    "watch failed, retrying: {e}{}",
+                    hint(kind, &e)
                 );
                 continue;
             }
@@ -331,5 +332,57 @@ async fn watch_source(
         if notify {
             shared.changed.notify_one();
         }
+    }
+}
+
+/// What an operator should do about a list/watch error, when we can tell.
+fn hint(kind: Kind, e: &watcher::Error) -> String {
+    let code = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => Some(s.code),
+        _ => None,
+    };
+    let ar = api_resource(kind);
+    match code {
+        Some(404) if matches!(kind, Kind::ServiceRoute | Kind::ServicePolicy) => format!(
+            " (the {} CRD is not installed: kubectl apply --server-side -f crds/, or install the Helm chart)",
+            ar.plural
+        ),
+        Some(401 | 403) => format!(
+            " (the control plane's service account may not list/watch {}.{}: check its RBAC)",
+            ar.plural,
+            if ar.group.is_empty() {
+                "core"
+            } else {
+                &ar.group
+            }
+        ),
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16) -> watcher::Error {
+        let status: kube::core::Status =
+            serde_json::from_value(serde_json::json!({ "code": code, "message": "x" }))
+                .expect("status");
+        watcher::Error::InitialListFailed(kube::Error::Api(Box::new(status)))
+    }
+
+    #[test]
+    fn errors_come_with_what_to_do() {
+        let missing_crd = hint(Kind::ServiceRoute, &api_error(404));
+        assert!(
+            missing_crd.contains("serviceroutes CRD is not installed"),
+            "{missing_crd}"
+        );
+        let rbac = hint(Kind::EndpointSlice, &api_error(403));
+        assert!(rbac.contains("endpointslices.discovery.k8s.io"), "{rbac}");
+        assert!(hint(Kind::Service, &api_error(403)).contains("services.core"));
+        assert_eq!(hint(Kind::Service, &api_error(500)), "");
     }
 }
