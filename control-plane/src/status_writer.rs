@@ -26,7 +26,7 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchP
 use tokio::sync::watch;
 
 use crate::api::{Condition, ObjectStatus, ProxiesStatus, ProxyNack};
-use crate::store::{ObjectKey, Store, StoreSnapshot};
+use crate::store::{ObjectKey, Rejected, Store, StoreSnapshot};
 use crate::translate::{self, NodeInfo, ObjectKind};
 use crate::xds::{AckRegistry, ProxyState};
 
@@ -110,6 +110,37 @@ fn object_generation(snapshot: &StoreSnapshot, kind: ObjectKind, key: &ObjectKey
     }
 }
 
+/// The status of an object whose latest version was rejected before translation.
+pub fn rejected_status(rejected: &Rejected) -> ObjectStatus {
+    let condition = |type_: &str, status: &str, message: String| Condition {
+        type_: type_.to_string(),
+        status: status.to_string(),
+        reason: "Invalid".to_string(),
+        message,
+        observed_generation: rejected.generation,
+        last_transition_time: None,
+    };
+    ObjectStatus {
+        observed_generation: rejected.generation,
+        conditions: vec![
+            condition(
+                "Accepted",
+                "False",
+                format!(
+                    "{}; the last valid version is still in effect",
+                    rejected.message
+                ),
+            ),
+            condition(
+                "ResolvedRefs",
+                "Unknown",
+                "not evaluated: this version was rejected".to_string(),
+            ),
+        ],
+        proxies: None,
+    }
+}
+
 /// Most NACKs listed per object.
 const NACKS_LISTED: usize = 10;
 
@@ -146,8 +177,19 @@ pub fn pending(
 ) -> Vec<(ObjectKind, ObjectKey, ObjectStatus)> {
     let translation = translate::translate(snapshot, &NodeInfo::default());
     first_seen.retain(|id, _| translation.statuses.contains_key(id));
+    let mut statuses = translation.statuses;
+    // A rejected newer version: say so, for that generation (the last valid version is still
+    // served, and `proxies` keeps describing it).
+    for ((kind_name, key), rejected) in &snapshot.rejected {
+        let kind = match kind_name.as_str() {
+            "ServiceRoute" => ObjectKind::ServiceRoute,
+            "ServicePolicy" => ObjectKind::ServicePolicy,
+            _ => continue,
+        };
+        statuses.insert((kind, key.clone()), rejected_status(rejected));
+    }
     let mut out = Vec::new();
-    for ((kind, key), mut desired) in translation.statuses {
+    for ((kind, key), mut desired) in statuses {
         let generation = object_generation(snapshot, kind, &key);
         let seen = first_seen
             .entry((kind, key.clone()))
@@ -155,7 +197,10 @@ pub fn pending(
         if seen.0 != generation {
             *seen = (generation, snapshot.generation);
         }
-        desired.proxies = Some(proxies_status(proxies, seen.1));
+        // An object never valid is in no proxy's configuration.
+        desired.proxies = generation
+            .is_some()
+            .then(|| proxies_status(proxies, seen.1));
         let current = current_status(snapshot, kind, &key);
         if current.as_ref().is_some_and(|c| same(c, &desired)) {
             continue;

@@ -467,6 +467,37 @@ async fn the_leader_writes_conditions_once_and_again_only_when_they_change() {
     let c = condition(&fixed, "ResolvedRefs").expect("ResolvedRefs");
     assert_eq!(c["observedGeneration"], 2);
     assert_ne!(c["lastTransitionTime"], resolved["lastTransitionTime"]);
+
+    // A version our validation rejects (the API server let it through): its generation is
+    // reported as not accepted, naming the field, while the last valid version stays served.
+    let mut invalid = route("shop", "good", "web", "/a");
+    invalid["spec"]["parentRefs"][0]["port"] = json!(0);
+    api.apply(invalid);
+    let rejected = eventually(
+        "the rejected version's status",
+        Duration::from_secs(10),
+        || {
+            let o = api.get(ROUTES, "shop", "good");
+            async move { o.filter(|o| o["status"]["observedGeneration"] == 2) }
+        },
+    )
+    .await;
+    let accepted = condition(&rejected, "Accepted").expect("Accepted");
+    assert_eq!(accepted["status"], "False", "{rejected}");
+    assert_eq!(accepted["reason"], "Invalid");
+    assert!(
+        accepted["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("spec.parentRefs[0].port") && m.contains("still in effect")),
+        "{accepted}"
+    );
+    assert!(
+        running
+            .store
+            .snapshot()
+            .routes
+            .contains_key(&key("shop", "good"))
+    );
     let _ = stop.send(());
     writer.await.expect("writer stops");
     running.stop().await;

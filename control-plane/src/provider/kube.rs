@@ -29,7 +29,7 @@ use kube::{Api, Client};
 use tokio::sync::Notify;
 
 use super::parse::{self, Decoded, Kind, Object};
-use crate::store::{Diagnostic, ObjectKey, Store, StoreSnapshot};
+use crate::store::{Diagnostic, ObjectKey, Rejected, Store, StoreSnapshot};
 
 /// Where the provider looks.
 #[derive(Clone, Debug, Default)]
@@ -66,16 +66,24 @@ struct Source {
     /// Finished at least one full list.
     synced: bool,
     objects: BTreeMap<ObjectKey, Object>,
-    /// Objects whose latest version is invalid, with why.
-    invalid: BTreeMap<ObjectKey, Diagnostic>,
+    /// Objects whose latest version is invalid, with why (and that version's generation).
+    invalid: BTreeMap<ObjectKey, Invalid>,
     /// A re-list in progress: what it has seen so far.
-    relist: Option<(BTreeMap<ObjectKey, Object>, BTreeMap<ObjectKey, Diagnostic>)>,
+    relist: Option<(BTreeMap<ObjectKey, Object>, BTreeMap<ObjectKey, Invalid>)>,
+}
+
+/// A rejected object version.
+#[derive(Clone, Debug)]
+struct Invalid {
+    diagnostic: Diagnostic,
+    generation: Option<i64>,
+    message: String,
 }
 
 /// What decoding one watched object gave.
 enum Seen {
     Valid(ObjectKey, Object),
-    Invalid(ObjectKey, Diagnostic),
+    Invalid(ObjectKey, Invalid),
     Unusable(String),
 }
 
@@ -94,6 +102,7 @@ fn decode(kind: Kind, object: DynamicObject) -> Seen {
         object.metadata.namespace.clone().unwrap_or_default(),
         object.metadata.name.clone().unwrap_or_default(),
     );
+    let generation = object.metadata.generation;
     match parse::decode(value, "") {
         Ok(Decoded::Object(key, obj)) => Seen::Valid(key, obj),
         Ok(Decoded::Skipped(s)) => Seen::Unusable(format!(
@@ -102,12 +111,17 @@ fn decode(kind: Kind, object: DynamicObject) -> Seen {
         )),
         Err(e) => {
             let object = format!("{} {key}", kind.as_str());
+            let message = e.messages.join("; ");
             Seen::Invalid(
                 key,
-                Diagnostic {
-                    source: "kubernetes".into(),
-                    object: Some(object),
-                    message: format!("{}; keeping its last valid version", e.messages.join("; ")),
+                Invalid {
+                    diagnostic: Diagnostic {
+                        source: "kubernetes".into(),
+                        object: Some(object),
+                        message: format!("{message}; keeping its last valid version"),
+                    },
+                    generation,
+                    message,
                 },
             )
         }
@@ -127,9 +141,9 @@ impl Source {
             }
             Seen::Invalid(key, diagnostic) => {
                 tracing::warn!(
-                    object = diagnostic.object.as_deref().unwrap_or(""),
+                    object = diagnostic.diagnostic.object.as_deref().unwrap_or(""),
                     "{}",
-                    diagnostic.message
+                    diagnostic.diagnostic.message
                 );
                 match &mut self.relist {
                     // During a re-list the last valid version is the one from before it.
@@ -176,6 +190,7 @@ fn apply(sources: &[Source], snapshot: &mut StoreSnapshot) {
     snapshot.services.clear();
     snapshot.endpoint_slices.clear();
     snapshot.diagnostics.clear();
+    snapshot.rejected.clear();
     for source in sources {
         for (key, object) in &source.objects {
             match object {
@@ -193,9 +208,23 @@ fn apply(sources: &[Source], snapshot: &mut StoreSnapshot) {
                 }
             }
         }
-        snapshot
-            .diagnostics
-            .extend(source.invalid.values().cloned());
+        for (key, invalid) in &source.invalid {
+            snapshot.diagnostics.push(invalid.diagnostic.clone());
+            if let Some(kind) = invalid
+                .diagnostic
+                .object
+                .as_deref()
+                .and_then(|o| o.split(' ').next())
+            {
+                snapshot.rejected.insert(
+                    (kind.to_string(), key.clone()),
+                    Rejected {
+                        generation: invalid.generation,
+                        message: invalid.message.clone(),
+                    },
+                );
+            }
+        }
     }
     snapshot.synced = true;
 }

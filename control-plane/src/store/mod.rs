@@ -71,6 +71,19 @@ pub struct StoreSnapshot {
     /// Keyed by the slice's own name; `kubernetes.io/service-name` links it to its Service.
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
     pub diagnostics: Vec<Diagnostic>,
+    /// Objects whose latest version was rejected (the last valid version, if any, is what is
+    /// served), by kind name (`ServiceRoute`) and key. Only providers that know generations
+    /// (Kubernetes) fill it; the status writer reports them.
+    pub rejected: BTreeMap<(String, ObjectKey), Rejected>,
+}
+
+/// A rejected version of an object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    /// Its `metadata.generation`.
+    pub generation: Option<i64>,
+    /// What is wrong, naming the fields.
+    pub message: String,
 }
 
 /// The label on an EndpointSlice naming its Service.
