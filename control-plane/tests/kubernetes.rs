@@ -198,6 +198,12 @@ async fn outages_and_410_gone_keep_the_served_snapshot_until_the_relist_complete
         })
         .await;
     assert!(s.services.contains_key(&key("shop", "web")));
+    let lists = api
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("GET /api/v1/services") && !r.contains("watch=true"))
+        .count();
+    assert!(lists >= 2, "the 410 forced a re-list: {:?}", api.requests());
 
     // A watch cut by the server (timeout, restart) resumes and keeps following.
     api.break_watches();
