@@ -13,6 +13,7 @@
 
 pub mod cds;
 pub mod dns;
+pub mod h1;
 pub mod host;
 pub mod lb;
 pub mod pool;

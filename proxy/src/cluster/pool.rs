@@ -1,11 +1,13 @@
 //! Upstream connection pool of one host: HTTP/1.1 keep-alive connections, or one multiplexed
 //! HTTP/2 connection.
 //!
-//! HTTP/1.1: idle connections wait in a LIFO list; a request takes one (or connects), and the
-//! connection returns to the list when the response body has been read to its end — see
-//! [`Http1Connection::release`]. A request that hyper hands back unsent (the pooled connection
-//! closed under it) is retried once on a fresh connection; nothing else is retried here.
-//! HTTP/2: one shared connection, replaced when it closes.
+//! HTTP/1.1 (our own client, [`super::h1`]): idle connections wait in a LIFO list as bare
+//! sockets; a request takes one (checking it is still open) or connects, and the response body
+//! puts the connection back when it has been read to its end. A request that fails on a reused
+//! connection before any of it was written, or before any response byte arrived when it can be
+//! replayed, is retried once on a fresh connection (the pooled connection was closed under it);
+//! nothing else is retried here. WebSocket upgrades use hyper's client on a connection of their
+//! own. HTTP/2: one shared hyper connection, replaced when it closes.
 //!
 //! Connecting honours the cluster's `connect_timeout`. Locks here guard plain lists and are
 //! never held across an await. This module must not choose hosts or build requests.
@@ -15,10 +17,15 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{Request, Response};
-use hyper::body::Incoming;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
-use crate::http::body::RequestBody;
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use super::h1;
+use crate::http::body::{BoxError, RequestBody};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
@@ -36,15 +43,11 @@ pub enum UpstreamError {
     ConnectFailure(io::Error),
     #[error("connection failure: HTTP handshake: {0}")]
     Handshake(hyper::Error),
+    /// The connection closed or was reset before a complete response head, or the head was
+    /// malformed.
     #[error("connection termination")]
-    Reset(hyper::Error),
+    Reset(BoxError),
 }
-
-/// The read buffer of an upstream HTTP/1.1 connection. hyper's adaptive default starts at
-/// 8 KiB and settles around 16 KiB per connection, kept while the connection idles in the pool;
-/// with hundreds of pooled connections that was the largest part of the proxy's heap. Larger
-/// heads and bodies still work: the buffer grows by this much per read.
-const UPSTREAM_READ_BUFFER: usize = 4096;
 
 /// Connection settings that come from the cluster.
 #[derive(Debug, Clone, Copy)]
@@ -58,7 +61,7 @@ pub struct Pool {
     settings: PoolSettings,
     host_stats: Arc<HostStats>,
     cluster_stats: Arc<ClusterStats>,
-    idle: Mutex<Vec<http1::SendRequest<RequestBody>>>,
+    idle: Mutex<Vec<h1::Conn>>,
     h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
 }
 
@@ -71,24 +74,52 @@ impl std::fmt::Debug for Pool {
     }
 }
 
-/// An HTTP/1.1 connection lent to one request; give it back with [`Self::release`] once the
-/// response body is complete, or drop it to close the connection.
-pub struct Http1Connection {
-    sender: http1::SendRequest<RequestBody>,
-    pool: Arc<Pool>,
+/// An upstream response body: HTTP/1.1 bodies hold their connection and return it to the
+/// pool when complete (dropping one early closes the connection).
+pub enum PoolBody {
+    Http1(h1::Body),
+    Hyper(Incoming),
+    /// Abandoned: nothing more will be read.
+    Done,
 }
 
-impl Http1Connection {
-    pub fn release(self) {
-        let mut idle = lock(&self.pool.idle);
-        idle.push(self.sender);
+impl Body for PoolBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            PoolBody::Http1(b) => Pin::new(b).poll_frame(cx),
+            PoolBody::Hyper(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+            PoolBody::Done => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            PoolBody::Http1(b) => b.is_end_stream(),
+            PoolBody::Hyper(b) => b.is_end_stream(),
+            PoolBody::Done => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            PoolBody::Http1(b) => b.size_hint(),
+            PoolBody::Hyper(b) => b.size_hint(),
+            PoolBody::Done => SizeHint::with_exact(0),
+        }
     }
 }
 
-/// The response headers and, for HTTP/1.1, the connection to release after the body.
+/// The response headers; the body owns what it needs to finish the exchange.
 pub struct PoolResponse {
-    pub response: Response<Incoming>,
-    pub connection: Option<Http1Connection>,
+    pub response: Response<PoolBody>,
 }
 
 impl Pool {
@@ -126,43 +157,65 @@ impl Pool {
 
     async fn send_http1(
         self: &Arc<Self>,
-        mut req: Request<RequestBody>,
+        req: Request<RequestBody>,
     ) -> Result<PoolResponse, UpstreamError> {
+        let (mut parts, mut body) = req.into_parts();
+        let prepared = h1::prepare(&mut parts, body.is_end_stream(), &body.size_hint());
+        // A copy to send again if a reused connection turns out closed after the request was
+        // (partly) written but before any response byte.
+        let replay = body.try_clone();
+        let mut fresh_only = false;
         loop {
-            let (mut sender, reused) = match self.checkout_http1().await {
-                Some(s) => (s, true),
+            let (conn, reused) = match (!fresh_only).then(|| self.checkout_http1()).flatten() {
+                Some(c) => (c, true),
                 None => (self.connect_http1().await?, false),
             };
-            match sender.try_send_request(req).await {
+            match h1::send(self.clone(), conn, &prepared, body).await {
                 Ok(response) => {
                     return Ok(PoolResponse {
-                        response,
-                        connection: Some(Http1Connection {
-                            sender,
-                            pool: self.clone(),
-                        }),
+                        response: response.map(PoolBody::Http1),
                     });
                 }
-                Err(mut e) => match e.take_message() {
-                    // Never written: the pooled connection was closed; try a fresh one.
-                    Some(unsent) if reused => req = unsent,
-                    _ => return Err(UpstreamError::Reset(e.into_error())),
-                },
+                Err(f) => {
+                    let again = if !reused || matches!(f.error, h1::Error::RequestBody(_)) {
+                        None
+                    } else if let Some(unsent) = f.body.filter(|_| !f.wrote) {
+                        Some(unsent)
+                    } else if !f.received {
+                        replay.as_ref().and_then(RequestBody::try_clone)
+                    } else {
+                        None
+                    };
+                    match again {
+                        Some(b) => {
+                            tracing::debug!(error = %f.error, "pooled upstream connection failed; trying a fresh one");
+                            body = b;
+                            fresh_only = true;
+                        }
+                        None => return Err(UpstreamError::Reset(Box::new(f.error))),
+                    }
+                }
             }
         }
     }
 
-    async fn checkout_http1(&self) -> Option<http1::SendRequest<RequestBody>> {
+    fn checkout_http1(&self) -> Option<h1::Conn> {
         loop {
-            let candidate = lock(&self.idle).pop();
-            let mut sender = candidate?;
-            if sender.is_closed() {
-                continue;
-            }
-            if sender.is_ready() || sender.ready().await.is_ok() {
-                return Some(sender);
+            let conn = lock(&self.idle).pop()?;
+            if conn.is_usable() {
+                return Some(conn);
             }
         }
+    }
+
+    #[cfg(test)]
+    pub(super) fn idle_len(&self) -> usize {
+        lock(&self.idle).len()
+    }
+
+    /// Puts a connection whose exchange completed cleanly back in the idle list.
+    pub(super) fn release_http1(&self, conn: h1::Conn) {
+        lock(&self.idle).push(conn);
     }
 
     /// Sends an HTTP/1.1 upgrade request (WebSocket) on a connection of its own, never pooled:
@@ -184,25 +237,16 @@ impl Pool {
                 tracing::debug!(error = %e, "upstream upgrade connection ended with an error");
             }
         });
-        sender.send_request(req).await.map_err(UpstreamError::Reset)
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| UpstreamError::Reset(Box::new(e)))
     }
 
-    async fn connect_http1(&self) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
+    async fn connect_http1(&self) -> Result<h1::Conn, UpstreamError> {
         let io = self.connect_tcp().await?;
-        let (sender, conn) = http1::Builder::new()
-            .read_buf_exact_size(Some(UPSTREAM_READ_BUFFER))
-            .handshake::<_, RequestBody>(io)
-            .await
-            .map_err(UpstreamError::Handshake)?;
         self.cluster_stats.upstream_cx_http1_total.inc();
-        let guard = self.connection_guard();
-        tokio::spawn(async move {
-            let _guard = guard;
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
-            }
-        });
-        Ok(sender)
+        Ok(h1::Conn::new(io.into_inner(), self.connection_guard()))
     }
 
     async fn send_http2(
@@ -224,8 +268,7 @@ impl Pool {
             match sender.try_send_request(req).await {
                 Ok(response) => {
                     return Ok(PoolResponse {
-                        response,
-                        connection: None,
+                        response: response.map(PoolBody::Hyper),
                     });
                 }
                 Err(mut e) => match e.take_message() {
@@ -236,7 +279,7 @@ impl Pool {
                         }
                         req = unsent;
                     }
-                    _ => return Err(UpstreamError::Reset(e.into_error())),
+                    _ => return Err(UpstreamError::Reset(Box::new(e.into_error()))),
                 },
             }
         }
@@ -289,7 +332,7 @@ impl Pool {
         Ok((io.into_inner(), self.connection_guard()))
     }
 
-    fn connection_guard(&self) -> ConnectionGuard {
+    pub(super) fn connection_guard(&self) -> ConnectionGuard {
         self.cluster_stats.upstream_cx_total.inc();
         self.cluster_stats.upstream_cx_active.inc();
         self.host_stats.cx_total.inc();

@@ -1,9 +1,9 @@
 //! The downstream response body: either a local reply, or an upstream body streamed through.
 //!
-//! Streaming an upstream body also finishes the request's bookkeeping: the HTTP/1.1
-//! connection goes back to its pool once the body is complete (or closes if the body is
-//! abandoned), active-request gauges fall when the body is done, and the route timeout keeps
-//! running until the last byte — if it fires mid-body the stream is reset, as Envoy does.
+//! Streaming an upstream body also finishes the request's bookkeeping: active-request gauges
+//! fall when the body is done, and the route timeout keeps running until the last byte — if it
+//! fires mid-body the stream is reset (and an HTTP/1.1 upstream connection closed), as Envoy
+//! does. An HTTP/1.1 body returns its connection to the pool itself when it completes.
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -18,7 +18,7 @@ use std::sync::Arc;
 use super::HttpStats;
 use crate::cluster::ClusterStats;
 use crate::cluster::host::HostStats;
-use crate::cluster::pool::Http1Connection;
+use crate::cluster::pool::PoolBody;
 use crate::stats::GaugeGuard;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -66,8 +66,7 @@ impl ResponseBody {
 
 /// An upstream response body with its connection and deadline.
 pub struct UpstreamBody {
-    inner: Incoming,
-    connection: Option<Http1Connection>,
+    inner: PoolBody,
     deadline: Option<Instant>,
     timer: Option<Pin<Box<Sleep>>>,
     guards: Option<RequestGuards>,
@@ -78,15 +77,9 @@ pub struct UpstreamBody {
 pub struct BodyTimeout;
 
 impl UpstreamBody {
-    pub fn new(
-        inner: Incoming,
-        connection: Option<Http1Connection>,
-        deadline: Option<Instant>,
-        guards: RequestGuards,
-    ) -> Self {
+    pub fn new(inner: PoolBody, deadline: Option<Instant>, guards: RequestGuards) -> Self {
         Self {
             inner,
-            connection,
             deadline,
             timer: None,
             guards: Some(guards),
@@ -94,23 +87,13 @@ impl UpstreamBody {
     }
 
     fn finish(&mut self, complete: bool) {
-        if let Some(c) = self.connection.take()
-            && complete
-        {
-            c.release();
+        if !complete {
+            // Abandoned mid-body: an HTTP/1.1 connection closes.
+            self.inner = PoolBody::Done;
         }
         self.guards = None;
         self.deadline = None;
         self.timer = None;
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        // hyper may drop a body it knows is empty without polling it; the connection is still
-        // clean then.
-        let complete = self.inner.is_end_stream();
-        self.finish(complete);
     }
 }
 
@@ -159,7 +142,7 @@ impl UpstreamBody {
             Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
             Poll::Ready(Some(Err(e))) => {
                 self.finish(false);
-                Poll::Ready(Some(Err(Box::new(e))))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Pending => {
                 let Some(deadline) = self.deadline else {
@@ -204,6 +187,21 @@ impl RequestBody {
         RequestBody::Buffered {
             data: (!data.is_empty()).then_some(data),
             trailers,
+        }
+    }
+
+    /// A copy to send again, for a body that is buffered (or empty); `None` for a stream.
+    pub fn try_clone(&self) -> Option<Self> {
+        match self {
+            RequestBody::Buffered { data, trailers } => Some(RequestBody::Buffered {
+                data: data.clone(),
+                trailers: trailers.clone(),
+            }),
+            b if b.is_end_stream() => Some(RequestBody::Buffered {
+                data: None,
+                trailers: None,
+            }),
+            _ => None,
         }
     }
 }

@@ -25,7 +25,7 @@ use super::local_reply::LocalReply;
 use super::retry::{self, TryOutcome};
 use super::router::{self, RedirectInput, RequestView, Selected};
 use super::{Connection, HttpConnectionManager, active_request};
-use crate::cluster::pool::PoolResponse;
+use crate::cluster::pool::{PoolBody, PoolResponse};
 use crate::config::cluster::UpstreamProtocol;
 use crate::config::route::{
     Action, ClusterSpecifier, HeaderMutations, MirrorPolicy, RouteAction, RouteConfig,
@@ -358,7 +358,7 @@ impl HttpConnectionManager {
                     Response::from_parts(rparts, ResponseBody::Empty)
                 }
                 _ => {
-                    let body = UpstreamBody::new(incoming, None, deadline, guards);
+                    let body = UpstreamBody::new(PoolBody::Hyper(incoming), deadline, guards);
                     Response::from_parts(rparts, ResponseBody::Upstream(Box::new(body)))
                 }
             };
@@ -570,10 +570,7 @@ impl HttpConnectionManager {
             cluster: GaugeGuard::new(cluster_stats.clone()),
             host: GaugeGuard::new(host.stats.clone()),
         };
-        let PoolResponse {
-            response,
-            connection,
-        } = upstream;
+        let PoolResponse { response } = upstream;
         let status = response.status();
         cluster_stats.upstream_rq.record(status.as_u16());
         if status.is_server_error() {
@@ -589,7 +586,7 @@ impl HttpConnectionManager {
                 HeaderValue::from(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)),
             );
         }
-        let body = UpstreamBody::new(incoming, connection, deadline, guards);
+        let body = UpstreamBody::new(incoming, deadline, guards);
         let mut r = Response::from_parts(rparts, ResponseBody::Upstream(Box::new(body)));
         apply_response(rc, selected, weighted_response, &mut r);
         r
@@ -625,7 +622,7 @@ impl HttpConnectionManager {
             let _active = GaugeGuard::new(stats.clone());
             let exchange = async {
                 match host.pool.send(Request::from_parts(parts, body)).await {
-                    Ok(PoolResponse { response, .. }) => {
+                    Ok(PoolResponse { response }) => {
                         let status = response.status().as_u16();
                         stats.upstream_rq.record(status);
                         if status >= 500 {
