@@ -129,6 +129,13 @@ pub struct Prepared {
     close: bool,
 }
 
+impl Prepared {
+    /// Whether the request goes without a body (whatever its body would yield).
+    pub fn sends_no_body(&self) -> bool {
+        self.framing == Framing::Empty
+    }
+}
+
 /// Sets the framing headers as hyper's client does and serializes the head.
 pub fn prepare(parts: &mut Parts, end_stream: bool, hint: &SizeHint) -> Prepared {
     let framing = set_framing(parts, end_stream, hint);

@@ -163,7 +163,11 @@ impl Pool {
         let prepared = h1::prepare(&mut parts, body.is_end_stream(), &body.size_hint());
         // A copy to send again if a reused connection turns out closed after the request was
         // (partly) written but before any response byte.
-        let replay = body.try_clone();
+        let replay = if prepared.sends_no_body() {
+            Some(RequestBody::buffered(Bytes::new(), None))
+        } else {
+            body.try_clone()
+        };
         let mut fresh_only = false;
         loop {
             let (conn, reused) = match (!fresh_only).then(|| self.checkout_http1()).flatten() {
