@@ -217,9 +217,16 @@ impl Pool {
         lock(&self.idle).len()
     }
 
-    /// Puts a connection whose exchange completed cleanly back in the idle list.
+    /// Puts a connection whose exchange completed cleanly back in the idle list. Idle
+    /// connections have no task watching them: the oldest one (the likeliest to have been
+    /// closed by the upstream's idle timeout) is checked here, so that closed ones do not
+    /// linger at the bottom of the list.
     pub(super) fn release_http1(&self, conn: h1::Conn) {
-        lock(&self.idle).push(conn);
+        let mut idle = lock(&self.idle);
+        if idle.first().is_some_and(|oldest| !oldest.is_usable()) {
+            idle.remove(0);
+        }
+        idle.push(conn);
     }
 
     /// Sends an HTTP/1.1 upgrade request (WebSocket) on a connection of its own, never pooled:
