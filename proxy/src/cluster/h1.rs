@@ -501,13 +501,14 @@ impl Exchange {
         self.write.state = WriteState::Failed;
     }
 
-    /// Reads more bytes into the buffer; `Ok(0)` at end of stream.
+    /// Reads more bytes into the buffer; `Ok(0)` at end of stream. The buffer grows only once
+    /// the socket is readable: a request waiting for its response holds none.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, Error>> {
-        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-            self.buf.reserve(READ_CHUNK);
-        }
         loop {
             ready!(self.stream.poll_read_ready(cx))?;
+            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+                self.buf.reserve(READ_CHUNK);
+            }
             match self.stream.try_read_buf(&mut self.buf) {
                 Ok(n) => {
                     if n > 0 {
