@@ -1540,6 +1540,8 @@ fn scripts_pass_bash_n_and_shellcheck() {
     let scripts = [
         root().join("e2e/kubernetes/run.sh"),
         root().join("scripts/install-kubectl.sh"),
+        root().join("scripts/install-helm.sh"),
+        root().join("scripts/lib/kubectl-layer.sh"),
     ];
     for script in &scripts {
         let status = Command::new("bash")
@@ -1549,7 +1551,13 @@ fn scripts_pass_bash_n_and_shellcheck() {
             .expect("run bash -n");
         assert!(status.success(), "bash -n {}", script.display());
     }
-    match Command::new("shellcheck").args(&scripts).output() {
+    // -x: follow the `. scripts/lib/…` the install scripts source (run from the repository root).
+    match Command::new("shellcheck")
+        .arg("-x")
+        .args(&scripts)
+        .current_dir(root())
+        .output()
+    {
         Ok(out) => assert!(
             out.status.success(),
             "shellcheck:\n{}{}",

@@ -170,25 +170,9 @@ fn describe((kind, key): &(Kind, ObjectKey)) -> String {
 
 /// Replaces the store's objects with `loaded`.
 pub fn apply(loaded: &Loaded, snapshot: &mut StoreSnapshot) {
-    snapshot.routes.clear();
-    snapshot.policies.clear();
-    snapshot.services.clear();
-    snapshot.endpoint_slices.clear();
+    super::clear_objects(snapshot);
     for ((_, key), (object, _)) in &loaded.objects {
-        match object {
-            Object::Route(r) => {
-                snapshot.routes.insert(key.clone(), (**r).clone());
-            }
-            Object::Policy(p) => {
-                snapshot.policies.insert(key.clone(), (**p).clone());
-            }
-            Object::Service(s) => {
-                snapshot.services.insert(key.clone(), (**s).clone());
-            }
-            Object::EndpointSlice(s) => {
-                snapshot.endpoint_slices.insert(key.clone(), (**s).clone());
-            }
-        }
+        super::insert(snapshot, key, object);
     }
     snapshot.diagnostics = loaded.diagnostics.clone();
     snapshot.synced = true;

@@ -185,28 +185,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Replaces the store's objects with every source's.
 fn apply(sources: &[Source], snapshot: &mut StoreSnapshot) {
-    snapshot.routes.clear();
-    snapshot.policies.clear();
-    snapshot.services.clear();
-    snapshot.endpoint_slices.clear();
+    super::clear_objects(snapshot);
     snapshot.diagnostics.clear();
     snapshot.rejected.clear();
     for source in sources {
         for (key, object) in &source.objects {
-            match object {
-                Object::Route(r) => {
-                    snapshot.routes.insert(key.clone(), (**r).clone());
-                }
-                Object::Policy(p) => {
-                    snapshot.policies.insert(key.clone(), (**p).clone());
-                }
-                Object::Service(s) => {
-                    snapshot.services.insert(key.clone(), (**s).clone());
-                }
-                Object::EndpointSlice(s) => {
-                    snapshot.endpoint_slices.insert(key.clone(), (**s).clone());
-                }
-            }
+            super::insert(snapshot, key, object);
         }
         for (key, invalid) in &source.invalid {
             snapshot.diagnostics.push(invalid.diagnostic.clone());
