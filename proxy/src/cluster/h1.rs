@@ -1326,4 +1326,57 @@ mod tests {
         }
         assert_eq!(p.idle_len(), 1);
     }
+
+    #[tokio::test]
+    async fn a_post_is_not_sent_twice_when_a_pooled_connection_dies_after_taking_it() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            read_head(&mut s).await;
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .expect("write");
+            // The POST arrives, then the connection dies without an answer.
+            let _ = seen_tx.send(read_head(&mut s).await);
+            drop(s);
+            // A second connection would be a replay.
+            if let Ok((mut s, _)) = listener.accept().await {
+                let _ = seen_tx.send(read_head(&mut s).await);
+            }
+        });
+        let p = pool(address);
+        let r = p
+            .send(
+                Request::get("/")
+                    .header("host", "example")
+                    .body(RequestBody::buffered(Bytes::new(), None))
+                    .expect("request"),
+            )
+            .await
+            .expect("response")
+            .response;
+        r.into_body().collect().await.expect("body");
+        let post = Request::post("/orders")
+            .header("host", "example")
+            .body(RequestBody::buffered(Bytes::from_static(b"{}"), None))
+            .expect("request");
+        match p.send(post).await {
+            Err(crate::cluster::pool::UpstreamError::Reset(_)) => {}
+            Err(e) => panic!("expected a reset, got {e}"),
+            Ok(_) => panic!("no answer, no replay: expected an error"),
+        }
+        let first = seen
+            .recv()
+            .await
+            .expect("the POST reached the upstream once");
+        assert!(
+            first.starts_with(b"POST /orders"),
+            "{}",
+            String::from_utf8_lossy(&first)
+        );
+        let again = tokio::time::timeout(Duration::from_millis(300), seen.recv()).await;
+        assert!(again.is_err(), "the POST was sent a second time");
+    }
 }

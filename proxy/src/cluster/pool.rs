@@ -4,9 +4,9 @@
 //! HTTP/1.1 (our own client, [`super::h1`]): idle connections wait in a LIFO list as bare
 //! sockets; a request takes one (checking it is still open) or connects, and the response body
 //! puts the connection back when it has been read to its end. A request that fails on a reused
-//! connection before any of it was written, or before any response byte arrived when it can be
-//! replayed, is retried once on a fresh connection (the pooled connection was closed under it);
-//! nothing else is retried here. WebSocket upgrades use hyper's client on a connection of their
+//! connection before any of it was written, or — idempotent methods only, with a replayable
+//! body — before any response byte arrived, is retried once on a fresh connection (the pooled
+//! connection was closed under it); nothing else is retried here. WebSocket upgrades use hyper's client on a connection of their
 //! own. HTTP/2: one shared hyper connection, replaced when it closes.
 //!
 //! Connecting honours the cluster's `connect_timeout`. Locks here guard plain lists and are
@@ -163,7 +163,11 @@ impl Pool {
         let prepared = h1::prepare(&mut parts, body.is_end_stream(), &body.size_hint());
         // A copy to send again if a reused connection turns out closed after the request was
         // (partly) written but before any response byte.
-        let replay = if prepared.sends_no_body() {
+        // Only idempotent requests (RFC 9110 §9.2.2): the upstream may have acted on one it
+        // did not answer, and a POST must not be sent twice behind the client's back.
+        let replay = if !idempotent(&parts.method) {
+            None
+        } else if prepared.sends_no_body() {
             Some(RequestBody::buffered(Bytes::new(), None))
         } else {
             body.try_clone()
@@ -370,6 +374,19 @@ impl Drop for ConnectionGuard {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// RFC 9110 §9.2.2: methods whose repetition has the effect of one request.
+fn idempotent(method: &http::Method) -> bool {
+    matches!(
+        *method,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::TRACE
+            | http::Method::PUT
+            | http::Method::DELETE
+    )
 }
 
 #[cfg(test)]
