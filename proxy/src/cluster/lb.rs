@@ -1,5 +1,5 @@
-//! Load balancers: round robin and least request (power of N choices), as pure picks over a
-//! host slice.
+//! Load balancers: round robin, random and least request (power of N choices), as pure picks
+//! over a host slice.
 //!
 //! The picks take their randomness and request counts as arguments so they are deterministic
 //! under test. This module must not know how hosts are discovered or connected to.
@@ -14,6 +14,7 @@ use crate::config::cluster::LbPolicy;
 #[derive(Debug)]
 pub enum LoadBalancer {
     RoundRobin { next: AtomicUsize },
+    Random,
     LeastRequest { choice_count: u32 },
 }
 
@@ -25,6 +26,7 @@ impl LoadBalancer {
             LbPolicy::RoundRobin => LoadBalancer::RoundRobin {
                 next: AtomicUsize::new(fastrand::usize(..1024)),
             },
+            LbPolicy::Random => LoadBalancer::Random,
             LbPolicy::LeastRequest { choice_count } => LoadBalancer::LeastRequest { choice_count },
         }
     }
@@ -38,6 +40,7 @@ impl LoadBalancer {
             LoadBalancer::RoundRobin { next } => {
                 round_robin(hosts.len(), next.fetch_add(1, Ordering::Relaxed))
             }
+            LoadBalancer::Random => fastrand::usize(..hosts.len()),
             LoadBalancer::LeastRequest { choice_count } => least_request(
                 hosts.len(),
                 *choice_count,
@@ -104,5 +107,33 @@ mod tests {
             seen[least_request(4, 2, |_| 0, |r| rng.usize(r))] += 1;
         }
         assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
+    }
+
+    #[test]
+    fn random_spreads_over_every_host() {
+        let lb = LoadBalancer::new(LbPolicy::Random);
+        let hosts: Vec<Arc<Host>> = (0..4)
+            .map(|i| {
+                Arc::new(Host::new(
+                    ([127, 0, 0, 1], 8000 + i).into(),
+                    String::new(),
+                    Default::default(),
+                    crate::config::cluster::HealthStatus::Healthy,
+                    crate::cluster::pool::PoolSettings {
+                        protocol: crate::config::cluster::UpstreamProtocol::Http1,
+                        connect_timeout: std::time::Duration::from_secs(1),
+                    },
+                    Default::default(),
+                ))
+            })
+            .collect();
+        let mut seen = [0u32; 4];
+        for _ in 0..4000 {
+            let h = lb.choose(&hosts).expect("a host");
+            seen[usize::from(h.address.port() - 8000)] += 1;
+        }
+        // 1000 expected each; ±20 % is > 6 standard deviations.
+        assert!(seen.iter().all(|&n| (800..=1200).contains(&n)), "{seen:?}");
+        assert!(lb.choose(&[]).is_none());
     }
 }

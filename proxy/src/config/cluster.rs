@@ -74,6 +74,8 @@ impl Discovery {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LbPolicy {
     RoundRobin,
+    /// Uniformly at random.
+    Random,
     /// Power of `choice_count` choices (default 2).
     LeastRequest {
         choice_count: u32,
@@ -313,11 +315,20 @@ fn lb_policy(c: &pb::Cluster, path: &Path, errors: &mut Errors) -> LbPolicy {
             }
             LbPolicy::LeastRequest { choice_count }
         }
+        Ok(pb::cluster::LbPolicy::Random) => {
+            if choice_count.is_some() {
+                errors.push(
+                    &path.field("least_request_lb_config"),
+                    "only valid with lb_policy LEAST_REQUEST",
+                );
+            }
+            LbPolicy::Random
+        }
         Ok(other) => {
             errors.unsupported_value(
                 &path.field("lb_policy"),
                 other.as_str_name(),
-                &["ROUND_ROBIN", "LEAST_REQUEST"],
+                &["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"],
             );
             LbPolicy::RoundRobin
         }
@@ -679,7 +690,7 @@ typed_extension_protocol_options:
             "cluster.typed_extension_protocol_options[\"envoy.extensions.upstreams.http.v3.HttpProtocolOptions\"].explicit_http_config.http2_protocol_options.max_concurrent_streams: unsupported field",
             "cluster.type: unsupported value ORIGINAL_DST (supported: STATIC, STRICT_DNS, LOGICAL_DNS, EDS)",
             "cluster.connect_timeout: must be a positive duration",
-            "cluster.lb_policy: unsupported value MAGLEV (supported: ROUND_ROBIN, LEAST_REQUEST)",
+            "cluster.lb_policy: unsupported value MAGLEV (supported: ROUND_ROBIN, LEAST_REQUEST, RANDOM)",
         ];
         for e in expected {
             assert!(errs.iter().any(|x| x == e), "missing {e:?} in {errs:#?}");

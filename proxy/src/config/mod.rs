@@ -245,7 +245,7 @@ static_resources:
             "admin.address.socket_address.address: malformed IP address \"localhost\"",
             "static_resources.clusters[1].name: duplicate cluster \"a\"",
             "static_resources.clusters[1].type: unsupported value ORIGINAL_DST (supported: STATIC, STRICT_DNS, LOGICAL_DNS, EDS)",
-            "static_resources.clusters[1].lb_policy: unsupported value CLUSTER_PROVIDED (supported: ROUND_ROBIN, LEAST_REQUEST)",
+            "static_resources.clusters[1].lb_policy: unsupported value CLUSTER_PROVIDED (supported: ROUND_ROBIN, LEAST_REQUEST, RANDOM)",
             "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.access_log: unsupported field (access logs are not implemented yet)",
         ];
         for e in expected {
