@@ -236,9 +236,7 @@ impl ClusterManager {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::cluster::{
-        DnsLookupFamily, HealthStatus, LbPolicy, Locality, UpstreamProtocol,
-    };
+    use crate::config::cluster::{HealthStatus, Locality};
     use crate::stats::Store;
     use std::sync::Mutex;
     use tokio::sync::watch;
@@ -284,12 +282,10 @@ mod tests {
                 initial_fetch_timeout: None,
             },
             connect_timeout: Duration::from_millis(connect_ms),
-            lb_policy: LbPolicy::RoundRobin,
-            protocol: UpstreamProtocol::Http1,
-            dns_lookup_family: DnsLookupFamily::Auto,
             dns_refresh_rate: Duration::from_secs(5),
             endpoints: Vec::new(),
             source: Arc::new(source),
+            ..Default::default()
         }
     }
 

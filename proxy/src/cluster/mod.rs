@@ -534,7 +534,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::cluster::{Endpoint, UpstreamProtocol};
+    use crate::config::cluster::Endpoint;
     use std::time::Duration;
 
     fn config(discovery: Discovery, endpoints: Vec<Endpoint>) -> model::Cluster {
@@ -542,12 +542,11 @@ mod tests {
             name: "c".into(),
             discovery,
             connect_timeout: Duration::from_secs(1),
-            lb_policy: model::LbPolicy::RoundRobin,
-            protocol: UpstreamProtocol::Http1,
             dns_lookup_family: model::DnsLookupFamily::V4Only,
             dns_refresh_rate: Duration::from_millis(50),
             endpoints,
             source: Arc::default(),
+            ..Default::default()
         }
     }
 

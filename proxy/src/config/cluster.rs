@@ -25,8 +25,9 @@ pub const DEFAULT_DNS_REFRESH_RATE: Duration = Duration::from_secs(5);
 /// Envoy's default `initial_fetch_timeout`.
 pub const DEFAULT_INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// An upstream cluster, as the cluster manager runs it.
-#[derive(Debug, Clone)]
+/// An upstream cluster, as the cluster manager runs it. `Default` exists for tests and for
+/// building one field at a time; a default cluster is an empty STATIC one.
+#[derive(Debug, Clone, Default)]
 pub struct Cluster {
     pub name: String,
     pub discovery: Discovery,
@@ -42,8 +43,9 @@ pub struct Cluster {
 }
 
 /// How a cluster learns its hosts (Envoy's `Cluster.type`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Discovery {
+    #[default]
     Static,
     StrictDns,
     LogicalDns,
@@ -71,25 +73,26 @@ impl Discovery {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LbPolicy {
+    #[default]
     RoundRobin,
     /// Uniformly at random.
     Random,
     /// Power of `choice_count` choices (default 2).
-    LeastRequest {
-        choice_count: u32,
-    },
+    LeastRequest { choice_count: u32 },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum UpstreamProtocol {
+    #[default]
     Http1,
     Http2,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DnsLookupFamily {
+    #[default]
     Auto,
     V4Only,
     V6Only,
