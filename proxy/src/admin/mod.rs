@@ -283,7 +283,7 @@ impl Admin {
                     ("rq_timeout", s.rq_timeout.get().to_string()),
                     ("rq_total", s.rq_total.get().to_string()),
                     ("hostname", h.hostname.clone()),
-                    ("health_flags", health_flags(h.health()).to_string()),
+                    ("health_flags", health_flags(h).to_string()),
                     ("weight", "1".to_string()),
                     ("region", h.locality.region.clone()),
                     ("zone", h.locality.zone.clone()),
@@ -555,12 +555,29 @@ fn cluster_status(c: &Cluster) -> admin_pb::ClusterStatus {
     }
 }
 
-fn health_flags(h: crate::config::cluster::HealthStatus) -> &'static str {
-    if h.is_routable() {
-        "healthy"
-    } else {
-        "/failed_eds_health"
+/// Envoy's `/clusters` `health_flags`: `healthy`, or each failure flag with a leading `/`.
+fn health_flags(h: &crate::cluster::host::Host) -> String {
+    use crate::cluster::host::flags;
+    let f = h.flags();
+    let mut out = String::new();
+    for (bit, name) in [
+        (flags::FAILED_ACTIVE_HC, "/failed_active_hc"),
+        (flags::FAILED_OUTLIER_CHECK, "/failed_outlier_check"),
+    ] {
+        if f & bit != 0 {
+            out.push_str(name);
+        }
     }
+    if !h.health().is_routable() {
+        out.push_str("/failed_eds_health");
+    }
+    if f & flags::PENDING_ACTIVE_HC != 0 {
+        out.push_str("/pending_active_hc");
+    }
+    if out.is_empty() {
+        out.push_str("healthy");
+    }
+    out
 }
 
 fn address(a: std::net::SocketAddr) -> core::Address {

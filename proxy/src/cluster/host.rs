@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 
 use super::ClusterStats;
 use super::pool::{Pool, PoolSettings};
@@ -32,12 +32,27 @@ impl AsRef<Gauge> for Arc<HostStats> {
     }
 }
 
+/// Envoy's host health flags besides the EDS status (`/clusters` prints them). A host is
+/// routable when its EDS status is and none of these is set. Active health checking owns the
+/// two `*_ACTIVE_HC` bits, outlier detection owns `FAILED_OUTLIER_CHECK`.
+pub mod flags {
+    /// Failed active health checking (or not yet passed it: new hosts start with this set).
+    pub const FAILED_ACTIVE_HC: u32 = 1;
+    /// Ejected by outlier detection.
+    pub const FAILED_OUTLIER_CHECK: u32 = 1 << 1;
+    /// Added while health checking is configured and not checked yet.
+    pub const PENDING_ACTIVE_HC: u32 = 1 << 2;
+    /// The flags that take a host out of rotation.
+    pub const UNROUTABLE: u32 = FAILED_ACTIVE_HC | FAILED_OUTLIER_CHECK;
+}
+
 #[derive(Debug)]
 pub struct Host {
     pub address: SocketAddr,
     pub hostname: String,
     pub locality: Locality,
     health: AtomicU8,
+    flags: AtomicU32,
     pub stats: Arc<HostStats>,
     pub pool: Arc<Pool>,
 }
@@ -57,6 +72,7 @@ impl Host {
             hostname,
             locality,
             health: AtomicU8::new(encode(health)),
+            flags: AtomicU32::new(0),
             pool: Arc::new(Pool::new(address, settings, stats.clone(), cluster_stats)),
             stats,
         }
@@ -68,6 +84,30 @@ impl Host {
 
     pub fn set_health(&self, h: HealthStatus) {
         self.health.store(encode(h), Ordering::Relaxed);
+    }
+
+    /// The [`flags`] set now.
+    pub fn flags(&self) -> u32 {
+        self.flags.load(Ordering::Relaxed)
+    }
+
+    /// Sets (`on`) or clears the given [`flags`]; returns whether routability changed, in
+    /// which case the owner must rebuild the cluster's host set
+    /// ([`super::Cluster::refresh_health`]).
+    pub fn set_flags(&self, bits: u32, on: bool) -> bool {
+        let before = if on {
+            self.flags.fetch_or(bits, Ordering::AcqRel)
+        } else {
+            self.flags.fetch_and(!bits, Ordering::AcqRel)
+        };
+        let after = if on { before | bits } else { before & !bits };
+        (before & flags::UNROUTABLE == 0) != (after & flags::UNROUTABLE == 0)
+    }
+
+    /// Whether the load balancer may pick this host: its EDS status allows it and neither
+    /// active health checking nor outlier detection took it out.
+    pub fn is_routable(&self) -> bool {
+        self.health().is_routable() && self.flags() & flags::UNROUTABLE == 0
     }
 
     /// Active requests, what least-request balancing compares.
@@ -108,11 +148,7 @@ pub const HEALTHY_PANIC_THRESHOLD_PERCENT: usize = 50;
 
 impl HostSet {
     pub fn new(hosts: Vec<Arc<Host>>) -> Self {
-        let healthy = hosts
-            .iter()
-            .filter(|h| h.health().is_routable())
-            .cloned()
-            .collect();
+        let healthy = hosts.iter().filter(|h| h.is_routable()).cloned().collect();
         Self { hosts, healthy }
     }
 
@@ -171,5 +207,28 @@ mod tests {
         assert!(panic);
 
         assert!(HostSet::default().routable().0.is_empty());
+    }
+
+    #[test]
+    fn health_flags_take_hosts_out_of_rotation() {
+        let h = host("10.0.0.1:80", HealthStatus::Healthy);
+        assert!(h.is_routable());
+        assert!(
+            !h.set_flags(flags::PENDING_ACTIVE_HC, true),
+            "not a routing flag"
+        );
+        assert!(h.set_flags(flags::FAILED_ACTIVE_HC, true));
+        assert!(!h.is_routable());
+        assert!(
+            !h.set_flags(flags::FAILED_OUTLIER_CHECK, true),
+            "already out"
+        );
+        assert!(
+            !h.set_flags(flags::FAILED_ACTIVE_HC, false),
+            "still ejected"
+        );
+        assert!(h.set_flags(flags::FAILED_OUTLIER_CHECK, false));
+        assert!(h.is_routable());
+        assert_eq!(h.flags(), flags::PENDING_ACTIVE_HC);
     }
 }

@@ -107,6 +107,8 @@ pub struct Cluster {
     settings: PoolSettings,
     added_via_api: bool,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Serializes host-set writers (discovery, health); readers never take it.
+    membership: Mutex<()>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -139,6 +141,7 @@ impl Cluster {
             settings,
             added_via_api,
             tasks: Mutex::new(Vec::new()),
+            membership: Mutex::new(()),
             config,
         });
         if cluster.config.discovery == Discovery::Static {
@@ -198,9 +201,18 @@ impl Cluster {
         }
     }
 
+    /// Rebuilds the host set over the same hosts after a host's routability changed (active
+    /// health checking, outlier detection); the request path sees the new set atomically.
+    pub fn refresh_health(&self) {
+        let _writer = lock(&self.membership);
+        let hosts = self.hosts.load().hosts.clone();
+        self.hosts.store(Arc::new(HostSet::new(hosts)));
+    }
+
     /// Replaces the membership, keeping the `Host` (and its connections) of every address
     /// that stays.
     pub fn update_hosts(&self, endpoints: &[ResolvedEndpoint]) {
+        let _writer = lock(&self.membership);
         let current = self.hosts.load();
         let by_address: HashMap<SocketAddr, &Arc<Host>> =
             current.hosts.iter().map(|h| (h.address, h)).collect();
