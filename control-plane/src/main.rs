@@ -80,6 +80,11 @@ struct RunArgs {
     /// Kubernetes provider: namespaces to watch (comma-separated); empty: all namespaces.
     #[arg(long, value_delimiter = ',', env = "CAPSTAN_WATCH_NAMESPACES")]
     watch_namespaces: Vec<String>,
+    /// Kubernetes provider: also watch Secrets, so ServicePolicies can take TLS certificates
+    /// from them (`spec.tls.caCertificateSecret`, `clientCertificateSecret`). Needs RBAC to
+    /// get, list and watch secrets in the watched namespaces.
+    #[arg(long, env = "CAPSTAN_WATCH_SECRETS")]
+    watch_secrets: bool,
     /// Kubernetes provider: the namespace of this control plane (its Lease lives there).
     #[arg(long, default_value = "capstan-system", env = "CAPSTAN_NAMESPACE")]
     namespace: String,
@@ -269,7 +274,10 @@ fn run(args: RunArgs) -> ExitCode {
             runtime::Provider::Kubernetes {
                 client,
                 injector,
-                options: provider::kube::Options { namespaces },
+                options: provider::kube::Options {
+                    namespaces,
+                    secrets: args.watch_secrets,
+                },
                 election: capstan_control_plane::leader::Config {
                     namespace: args.namespace,
                     name: args.lease_name,

@@ -88,6 +88,9 @@ pub fn to_resources(t: &Translation) -> Resources {
     for rc in &t.routes {
         put(xds::ROUTE_TYPE, &rc.name, pack_any(rc.clone()));
     }
+    for s in &t.secrets {
+        put(xds::SECRET_TYPE, &s.name, pack_any(s.clone()));
+    }
     r
 }
 

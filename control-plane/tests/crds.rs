@@ -41,6 +41,9 @@ fn crds_carry_schema_validation() {
         "subresources:",
         "- parentRefs",
         "pattern: ^([0-9]{1,5}(h|m|s|ms)){1,4}$",
+        "caCertificateFile and caCertificateSecret exclude each other",
+        "clientCertificateSecret excludes certificateChainFile and privateKeyFile",
+        "mode Mutual needs clientCertificateSecret",
     ] {
         assert!(all.contains(needle), "generated CRDs lack {needle:?}");
     }

@@ -1,6 +1,7 @@
 //! The Kubernetes provider against a fake API server that speaks real HTTP list/watch, driven
 //! through kube-rs's real client: initial sync, updates, invalid objects, deletes, watch
-//! restarts, `410 Gone` re-lists, API-server outages and namespace-limited watching.
+//! restarts, `410 Gone` re-lists, API-server outages and namespace-limited watching; Secrets
+//! (`--watch-secrets`): only referenced ones kept, bad rotations keep the last valid version.
 
 use std::time::Duration;
 
@@ -57,13 +58,21 @@ struct Running {
 
 impl Running {
     async fn start(api: &FakeApiServer, namespaces: &[&str]) -> Running {
+        Self::start_with(
+            api,
+            Options {
+                namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    async fn start_with(api: &FakeApiServer, options: Options) -> Running {
         let url = api.url().parse().expect("url");
         let client = kube::Client::try_from(kube::Config::new(url)).expect("kube client");
         let store = Store::new();
         let (tx, rx) = oneshot::channel::<()>();
-        let options = Options {
-            namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
-        };
         let task = tokio::spawn(run(client, options, store.clone(), async {
             let _ = rx.await;
         }));
@@ -506,5 +515,121 @@ async fn the_leader_writes_conditions_once_and_again_only_when_they_change() {
     );
     let _ = stop.send(());
     writer.await.expect("writer stops");
+    running.stop().await;
+}
+
+fn secret(ns: &str, name: &str, ca_pem: &str) -> Value {
+    use base64::Engine;
+    json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": { "name": name, "namespace": ns },
+        "type": "Opaque",
+        "data": { "ca.crt": base64::engine::general_purpose::STANDARD.encode(ca_pem) },
+    })
+}
+
+fn tls_policy(ns: &str, name: &str, ca_secret: &str) -> Value {
+    json!({
+        "apiVersion": "capstan.dev/v1alpha1", "kind": "ServicePolicy",
+        "metadata": { "name": name, "namespace": ns },
+        "spec": {
+            "targetRef": { "name": "web" },
+            "tls": { "mode": "Simple", "caCertificateSecret": { "name": ca_secret } },
+        },
+    })
+}
+
+fn pem(body: &str) -> String {
+    format!("-----BEGIN CERTIFICATE-----\n{body}\n-----END CERTIFICATE-----\n")
+}
+
+#[tokio::test]
+async fn referenced_secrets_are_watched_rotated_and_bad_versions_kept_out() {
+    let api = FakeApiServer::start().await;
+    api.apply(service("shop", "web"));
+    api.apply(tls_policy("shop", "p", "mesh-ca"));
+    api.apply(secret("shop", "mesh-ca", &pem("AAAA")));
+    api.apply(secret("shop", "unrelated", &pem("CCCC")));
+    let mut broken = secret("shop", "broken-unrelated", "x");
+    broken["data"]["ca.crt"] = json!("%%%");
+    api.apply(broken);
+    let running = Running::start_with(
+        &api,
+        Options {
+            secrets: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let ca = |s: &StoreSnapshot| {
+        s.secrets
+            .get(&key("shop", "mesh-ca"))
+            .and_then(|t| t.ca_crt.clone())
+            .map(|b| String::from_utf8_lossy(&b).to_string())
+    };
+    let s = running
+        .until("the initial sync with the Secret", |s| {
+            s.synced && ca(s).is_some()
+        })
+        .await;
+    assert_eq!(
+        s.secrets.keys().cloned().collect::<Vec<_>>(),
+        vec![key("shop", "mesh-ca")],
+        "only referenced Secrets are kept"
+    );
+    assert!(s.diagnostics.is_empty(), "{:?}", s.diagnostics);
+    assert!(
+        api.requests().iter().any(|r| r.contains("api/v1/secrets")),
+        "Secrets are listed and watched"
+    );
+
+    // Rotation is followed.
+    api.apply(secret("shop", "mesh-ca", &pem("BBBB")));
+    running
+        .until("the rotation", |s| {
+            ca(s).is_some_and(|p| p.contains("BBBB"))
+        })
+        .await;
+
+    // A malformed version keeps the last valid one and is reported without its contents.
+    api.apply(secret("shop", "mesh-ca", "hunter2"));
+    let s = running
+        .until("the bad Secret's diagnostic", |s| !s.diagnostics.is_empty())
+        .await;
+    assert!(ca(&s).is_some_and(|p| p.contains("BBBB")));
+    let d = &s.diagnostics[0];
+    assert_eq!(d.object.as_deref(), Some("Secret shop/mesh-ca"), "{d}");
+    assert!(
+        d.message.starts_with("ca.crt: no PEM CERTIFICATE block"),
+        "{d}"
+    );
+    assert!(!d.to_string().contains("hunter2"), "{d}");
+
+    // No longer referenced: dropped, and its problem with it.
+    api.apply(tls_policy("shop", "p", "other-ca"));
+    let s = running
+        .until("the unreferenced Secret dropped", |s| s.secrets.is_empty())
+        .await;
+    assert!(s.diagnostics.is_empty(), "{:?}", s.diagnostics);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn secrets_are_not_watched_unless_asked() {
+    let api = FakeApiServer::start().await;
+    api.apply(service("shop", "web"));
+    api.apply(tls_policy("shop", "p", "mesh-ca"));
+    api.apply(secret("shop", "mesh-ca", &pem("AAAA")));
+    let running = Running::start(&api, &[]).await;
+    let s = running
+        .until("the initial sync", |s| s.synced && s.policies.len() == 1)
+        .await;
+    assert!(s.secrets.is_empty());
+    assert!(s.secrets_unwatched, "the translator can say why");
+    assert!(
+        !api.requests().iter().any(|r| r.contains("secrets")),
+        "{:?}",
+        api.requests()
+    );
     running.stop().await;
 }

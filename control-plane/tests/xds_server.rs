@@ -1,6 +1,7 @@
 //! The xDS server over a real TCP socket with real tonic clients: state of the world and delta
 //! over ADS, the standalone CDS service, ACK/NACK/stale-nonce handling, push-on-change only,
-//! named subscriptions, make-before-break order, stats and shutdown.
+//! named subscriptions, make-before-break order, stats and shutdown; SDS Secrets translated from
+//! a store, served by name over both ADS flavours and pushed again when rotated.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -10,13 +11,14 @@ use std::time::Duration;
 use capstan_control_plane::xds::version::resource_version;
 use capstan_control_plane::xds::{
     CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, NackLog, ROUTE_TYPE, ResourceSource, Resources,
-    XdsServer, XdsStats,
+    SECRET_TYPE, XdsServer, XdsStats,
 };
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, LocalityLbEndpoints};
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
 use envoy_types::pb::envoy::service::cluster::v3::cluster_discovery_service_client::ClusterDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{
@@ -162,6 +164,7 @@ fn resource_name(a: &Any) -> String {
                 .expect("route")
                 .name
         }
+        SECRET_TYPE => Secret::decode(a.value.as_slice()).expect("secret").name,
         other => panic!("unexpected type {other}"),
     }
 }
@@ -850,4 +853,143 @@ async fn stats_and_graceful_shutdown() {
         .expect("serve returns")
         .expect("serve task");
     assert_eq!(h.stats.connected_streams(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SDS: the real translator behind the server.
+
+/// A store holding a Service, a ServicePolicy whose client certificate comes from Secret
+/// `shop/client`, and that Secret with `crt` as its certificate.
+fn tls_store_update(store: &capstan_control_plane::store::Store, crt: &str) {
+    use capstan_control_plane::provider::parse::{Decoded, Object, decode};
+    let docs = [
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  ports: [{port: 443}]\n".to_string(),
+        "apiVersion: capstan.dev/v1alpha1\nkind: ServicePolicy\nmetadata: {name: web, namespace: shop}\nspec:\n  targetRef: {name: web}\n  tls: {mode: Mutual, clientCertificateSecret: {name: client}}\n".to_string(),
+        format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: client, namespace: shop}}\nstringData:\n  tls.crt: \"{crt}\"\n  tls.key: \"-----BEGIN PRIVATE KEY-----\\nMC4CAQAwBQYDK2VwBCIEIA==\\n-----END PRIVATE KEY-----\\n\"\n"),
+    ];
+    store.update(|s| {
+        for doc in &docs {
+            match decode(serde_saphyr::from_str(doc).expect("yaml"), "default") {
+                Ok(Decoded::Object(key, Object::Service(o))) => {
+                    s.services.insert(key, *o);
+                }
+                Ok(Decoded::Object(key, Object::Policy(o))) => {
+                    s.policies.insert(key, *o);
+                }
+                Ok(Decoded::Object(key, Object::Secret(o))) => {
+                    s.secrets.insert(key, *o);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        s.synced = true;
+    });
+}
+
+fn pem_cert(tag: &str) -> String {
+    // Any base64 body is a well-formed PEM block; Envoy is not involved here.
+    format!("-----BEGIN CERTIFICATE-----\\n{tag}\\n-----END CERTIFICATE-----\\n")
+}
+
+fn certificate_chain(any: &Any) -> Vec<u8> {
+    let s = Secret::decode(any.value.as_slice()).expect("secret");
+    assert_eq!(s.name, "kubernetes://shop/client");
+    let Some(secret::Type::TlsCertificate(c)) = s.r#type else {
+        panic!("tls_certificate expected")
+    };
+    match c.certificate_chain.and_then(|d| d.specifier) {
+        Some(envoy_types::pb::envoy::config::core::v3::data_source::Specifier::InlineBytes(b)) => b,
+        other => panic!("inline bytes expected, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn secrets_are_served_by_name_over_sotw_and_delta_ads_and_rotations_are_pushed() {
+    use capstan_control_plane::runtime::TranslatedSource;
+    const NAME: &str = "kubernetes://shop/client";
+    let store = capstan_control_plane::store::Store::new();
+    tls_store_update(&store, &pem_cert("AAAA"));
+    let source = TranslatedSource::new(&store);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = XdsServer::new(source);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let served = tokio::spawn(async move {
+        server
+            .serve(listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("serve");
+    });
+
+    let mut sotw = SotwClient::ads(addr).await;
+    sotw.subscribe("web-0.shop", SECRET_TYPE, &[NAME]).await;
+    let first = sotw.recv().await;
+    assert_eq!(first.type_url, SECRET_TYPE);
+    assert_eq!(names(&first), [NAME]);
+    assert!(String::from_utf8_lossy(&certificate_chain(&first.resources[0])).contains("AAAA"));
+    sotw.ack(&first, &[NAME]).await;
+    sotw.expect_silence().await;
+
+    let mut delta = DeltaClient::ads(addr).await;
+    delta
+        .send(DeltaDiscoveryRequest {
+            node: Some(node("web-1.shop")),
+            type_url: SECRET_TYPE.into(),
+            resource_names_subscribe: strings(&[NAME]),
+            ..Default::default()
+        })
+        .await;
+    let d1 = delta.recv().await;
+    assert_eq!(d1.type_url, SECRET_TYPE);
+    assert_eq!(delta_names(&d1), [NAME]);
+    let held = d1.resources[0].resource.clone().expect("resource");
+    assert_eq!(d1.resources[0].version, resource_version(&held));
+    delta.ack(&d1).await;
+    delta.expect_silence().await;
+
+    // The standalone SDS service serves the same resource (its requests may omit type_url).
+    let (sds_tx, sds_rx) = mpsc::channel(4);
+    let mut sds_client = envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient::new(channel(addr).await);
+    let mut sds = sds_client
+        .stream_secrets(ReceiverStream::new(sds_rx))
+        .await
+        .expect("sds")
+        .into_inner();
+    sds_tx
+        .send(DiscoveryRequest {
+            node: Some(node("web-2.shop")),
+            resource_names: strings(&[NAME]),
+            ..Default::default()
+        })
+        .await
+        .expect("send");
+    let standalone = tokio::time::timeout(RECV_TIMEOUT, sds.message())
+        .await
+        .expect("in time")
+        .expect("ok")
+        .expect("a response");
+    assert_eq!(standalone.type_url, SECRET_TYPE);
+    assert_eq!(names(&standalone), [NAME]);
+    assert_eq!(standalone.version_info, first.version_info);
+
+    // Rotation: both streams get the new certificate, with a new version.
+    tls_store_update(&store, &pem_cert("BBBB"));
+    let second = sotw.recv().await;
+    assert_eq!(second.type_url, SECRET_TYPE);
+    assert_ne!(second.version_info, first.version_info);
+    assert!(String::from_utf8_lossy(&certificate_chain(&second.resources[0])).contains("BBBB"));
+    let d2 = delta.recv().await;
+    assert_eq!(delta_names(&d2), [NAME]);
+    assert!(
+        String::from_utf8_lossy(&certificate_chain(
+            d2.resources[0].resource.as_ref().expect("resource")
+        ))
+        .contains("BBBB")
+    );
+    assert_ne!(d2.resources[0].version, d1.resources[0].version);
+
+    let _ = stop.send(());
+    served.await.expect("server task");
 }

@@ -594,6 +594,7 @@ impl Target {
         match self.resource.rsplit('/').next() {
             Some("services") => "Service",
             Some("endpointslices") => "EndpointSlice",
+            Some("secrets") => "Secret",
             Some("serviceroutes") => "ServiceRoute",
             Some("servicepolicies") => "ServicePolicy",
             Some("leases") => "Lease",

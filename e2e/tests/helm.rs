@@ -27,6 +27,7 @@ const CONTRACT_ENV: &[&str] = &[
     "CAPSTAN_ADMIN_ADDR",
     "CAPSTAN_LOG_FORMAT",
     "CAPSTAN_WATCH_NAMESPACES",
+    "CAPSTAN_WATCH_SECRETS",
     "CAPSTAN_NAMESPACE",
     "CAPSTAN_POD_NAME",
     "CAPSTAN_LEASE_NAME",
@@ -420,10 +421,14 @@ fn grant(scope: &str, group: &str, resource: &str, verb: &str, name: &str) -> Gr
     }
 }
 
-/// The read and status grants of the control plane in `scope` ("cluster" or a namespace).
-fn read_grants(scope: &str) -> Vec<Grant> {
+/// The read and status grants of the control plane in `scope` ("cluster" or a namespace);
+/// with `secrets` (controlPlane.watchSecrets) also reading Secrets there.
+fn read_grants(scope: &str, secrets: bool) -> Vec<Grant> {
     let mut g = Vec::new();
     for verb in ["get", "list", "watch"] {
+        if secrets {
+            g.push(grant(scope, "", "secrets", verb, "*any*"));
+        }
         g.push(grant(scope, "", "services", verb, "*any*"));
         g.push(grant(
             scope,
@@ -597,6 +602,8 @@ struct Expect<'a> {
     failure_policy: &'a str,
     timeout: i64,
     watch_namespaces: &'a [&'a str],
+    /// controlPlane.watchSecrets.
+    watch_secrets: bool,
     lease: &'a str,
     lease_duration: &'a str,
     lease_renew: &'a str,
@@ -683,6 +690,10 @@ fn check_rendering(r: &Rendered, x: &Expect<'_>) {
     assert_eq!(
         env["CAPSTAN_WATCH_NAMESPACES"],
         x.watch_namespaces.join(",")
+    );
+    assert_eq!(
+        env["CAPSTAN_WATCH_SECRETS"],
+        if x.watch_secrets { "true" } else { "false" }
     );
     assert_eq!(env["CAPSTAN_NAMESPACE"], "fieldRef:metadata.namespace");
     assert_eq!(env["CAPSTAN_POD_NAME"], "fieldRef:metadata.name");
@@ -870,10 +881,10 @@ fn check_rendering(r: &Rendered, x: &Expect<'_>) {
             .into_iter()
             .collect();
     if x.watch_namespaces.is_empty() {
-        expected.extend(read_grants("cluster"));
+        expected.extend(read_grants("cluster", x.watch_secrets));
     } else {
         for w in x.watch_namespaces {
-            expected.extend(read_grants(w));
+            expected.extend(read_grants(w, x.watch_secrets));
         }
     }
     let granted = r.granted();
@@ -883,11 +894,28 @@ fn check_rendering(r: &Rendered, x: &Expect<'_>) {
         missing.is_empty() && extra.is_empty(),
         "RBAC differs from the contract\nmissing: {missing:#?}\nextra: {extra:#?}"
     );
-    assert!(
-        !granted.iter().any(|g| g.resource == "secrets"
-            && (g.scope == "cluster" || g.verb == "list" || g.verb == "watch")),
-        "secrets are never readable cluster-wide nor listable"
-    );
+    // Secrets are readable cluster-wide or listable only when watchSecrets asks for it, and
+    // then read-only, in exactly the scope the other inputs are read in.
+    let secret_reads: BTreeSet<&Grant> = granted
+        .iter()
+        .filter(|g| {
+            g.resource == "secrets"
+                && (g.scope == "cluster" || g.verb == "list" || g.verb == "watch")
+        })
+        .collect();
+    if x.watch_secrets {
+        assert!(
+            secret_reads
+                .iter()
+                .all(|g| ["get", "list", "watch"].contains(&g.verb.as_str())),
+            "{secret_reads:#?}"
+        );
+    } else {
+        assert!(
+            secret_reads.is_empty(),
+            "secrets are never readable cluster-wide nor listable: {secret_reads:#?}"
+        );
+    }
 
     // The webhook configuration.
     let webhooks = mwc["webhooks"].as_array().expect("webhooks");
@@ -988,6 +1016,7 @@ controlPlane:
   logFormat: text
   logLevel: debug
   watchNamespaces: [shop, payments, shop]
+  watchSecrets: true
   resources: { requests: { cpu: 250m, memory: 256Mi }, limits: { memory: 1Gi } }
 leaderElection:
   leaseName: mesh-leader
@@ -1038,6 +1067,7 @@ fn default_values_render_the_contract() {
             failure_policy: "Ignore",
             timeout: 10,
             watch_namespaces: &[],
+            watch_secrets: false,
             lease: "capstan-control-plane",
             lease_duration: "15",
             lease_renew: "2",
@@ -1098,6 +1128,7 @@ fn custom_values_render_the_contract() {
             failure_policy: "Fail",
             timeout: 5,
             watch_namespaces: &["shop", "payments"],
+            watch_secrets: true,
             lease: "mesh-leader",
             lease_duration: "30",
             lease_renew: "10",
@@ -1143,6 +1174,7 @@ fn other_release_names_and_namespaces_stay_consistent() {
             failure_policy: "Ignore",
             timeout: 10,
             watch_namespaces: &[],
+            watch_secrets: false,
             lease: "mesh-capstan-control-plane",
             lease_duration: "15",
             lease_renew: "2",
@@ -1165,6 +1197,51 @@ fn other_release_names_and_namespaces_stay_consistent() {
         "controlPlane: { replicas: 3, podDisruptionBudget: { enabled: false } }\n",
     );
     assert!(!r.has("PodDisruptionBudget"));
+}
+
+#[test]
+fn watch_secrets_grants_secret_reads_only_where_the_control_plane_watches() {
+    let Some(helm) = helm_or_not_run("watch-secrets") else {
+        return;
+    };
+    let r = helm.render(
+        RELEASE,
+        NAMESPACE,
+        "watch-secrets",
+        "controlPlane: { watchSecrets: true }\n",
+    );
+    let v = workspace_version();
+    // check_rendering asserts the exact grants: get/list/watch on secrets cluster-wide, as
+    // for every other input when watchNamespaces is empty.
+    check_rendering(
+        &r,
+        &Expect {
+            release_ns: NAMESPACE,
+            replicas: 2,
+            pdb: true,
+            failure_policy: "Ignore",
+            timeout: 10,
+            watch_namespaces: &[],
+            watch_secrets: true,
+            lease: "capstan-control-plane",
+            lease_duration: "15",
+            lease_renew: "2",
+            log_format: "json",
+            control_plane_image: format!("ghcr.io/capstan/capstan-control-plane:{v}"),
+            proxy_image: format!("ghcr.io/capstan/capstan-proxy:{v}"),
+            excluded_namespaces: &["kube-system", "kube-public", "kube-node-lease"],
+        },
+    );
+    let granted = r.granted();
+    for verb in ["get", "list", "watch"] {
+        assert!(granted.contains(&grant("cluster", "", "secrets", verb, "*any*")));
+    }
+    assert!(
+        !granted.iter().any(|g| g.resource == "secrets"
+            && g.scope == "cluster"
+            && !["get", "list", "watch"].contains(&g.verb.as_str())),
+        "never more than reads"
+    );
 }
 
 #[test]

@@ -305,11 +305,21 @@ pub struct TcpKeepalive {
 }
 
 /// Upstream TLS origination.
+///
+/// Certificates come either from files inside the proxy (`caCertificateFile`,
+/// `certificateChainFile` + `privateKeyFile`) or from Kubernetes Secrets in the policy's
+/// namespace (`caCertificateSecret`, `clientCertificateSecret`), which the control plane serves
+/// to the proxies over SDS (`kubernetes://<namespace>/<name>`) so a rotated Secret reaches new
+/// connections without a restart. For one certificate, files and a Secret exclude each other.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "self.mode != 'Mutual' || (has(self.certificateChainFile) && has(self.privateKeyFile))",
-     "message": "mode Mutual needs certificateChainFile and privateKeyFile"}
+    {"rule": "self.mode != 'Mutual' || (has(self.certificateChainFile) && has(self.privateKeyFile)) || has(self.clientCertificateSecret)",
+     "message": "mode Mutual needs clientCertificateSecret, or certificateChainFile and privateKeyFile"},
+    {"rule": "!(has(self.caCertificateFile) && has(self.caCertificateSecret))",
+     "message": "caCertificateFile and caCertificateSecret exclude each other"},
+    {"rule": "!has(self.clientCertificateSecret) || !(has(self.certificateChainFile) || has(self.privateKeyFile))",
+     "message": "clientCertificateSecret excludes certificateChainFile and privateKeyFile"}
 ]))]
 pub struct UpstreamTls {
     #[serde(default)]
@@ -320,6 +330,11 @@ pub struct UpstreamTls {
     /// CA bundle (path inside the proxy) that validates the backend's certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_certificate_file: Option<String>,
+    /// A Secret in this policy's namespace whose `ca.crt` (PEM) validates the backend's
+    /// certificate; served to proxies over SDS as `kubernetes://<namespace>/<name>/ca.crt`.
+    /// Excludes `caCertificateFile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificate_secret: Option<SecretReference>,
     /// Accepted subject alternative names of the backend certificate.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subject_alt_names: Vec<String>,
@@ -329,6 +344,20 @@ pub struct UpstreamTls {
     /// Client private key for mTLS (path inside the proxy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub private_key_file: Option<String>,
+    /// A `kubernetes.io/tls` Secret in this policy's namespace (`tls.crt`, `tls.key`, PEM) whose
+    /// certificate the proxy presents in mode Mutual; served over SDS as
+    /// `kubernetes://<namespace>/<name>`. Excludes `certificateChainFile` and `privateKeyFile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate_secret: Option<SecretReference>,
+}
+
+/// A Secret in the referring object's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretReference {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 /// Whether and how to originate TLS.

@@ -97,6 +97,17 @@ fn hostname_ok(h: &str) -> bool {
         })
 }
 
+/// A Kubernetes object name (DNS subdomain: lowercase alphanumerics, `-` and `.`).
+fn secret_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
 fn port_ok(p: Option<i32>) -> bool {
     p.is_none_or(|p| (1..=65535).contains(&p))
 }
@@ -542,14 +553,41 @@ pub fn service_policy(spec: &ServicePolicySpec) -> Vec<FieldError> {
             );
         }
     }
-    if let Some(tls) = &spec.tls
-        && tls.mode == TlsMode::Mutual
-        && (tls.certificate_chain_file.is_none() || tls.private_key_file.is_none())
-    {
-        e.push(
-            "spec.tls",
-            "mode Mutual needs certificateChainFile and privateKeyFile",
-        );
+    if let Some(tls) = &spec.tls {
+        let files = tls.certificate_chain_file.is_some() && tls.private_key_file.is_some();
+        if tls.mode == TlsMode::Mutual && !files && tls.client_certificate_secret.is_none() {
+            e.push(
+                "spec.tls",
+                "mode Mutual needs clientCertificateSecret, or certificateChainFile and privateKeyFile",
+            );
+        }
+        if tls.ca_certificate_file.is_some() && tls.ca_certificate_secret.is_some() {
+            e.push(
+                "spec.tls.caCertificateSecret",
+                "excludes caCertificateFile (use one of them)",
+            );
+        }
+        if tls.client_certificate_secret.is_some()
+            && (tls.certificate_chain_file.is_some() || tls.private_key_file.is_some())
+        {
+            e.push(
+                "spec.tls.clientCertificateSecret",
+                "excludes certificateChainFile and privateKeyFile (use one of them)",
+            );
+        }
+        for (field, secret) in [
+            ("caCertificateSecret", &tls.ca_certificate_secret),
+            ("clientCertificateSecret", &tls.client_certificate_secret),
+        ] {
+            if let Some(s) = secret
+                && !secret_name_ok(&s.name)
+            {
+                e.push(
+                    format!("spec.tls.{field}.name"),
+                    format!("{:?} is not a valid Secret name (a DNS subdomain)", s.name),
+                );
+            }
+        }
     }
     e.0
 }
@@ -634,6 +672,37 @@ mod tests {
             errors
                 .iter()
                 .any(|e| e.starts_with("spec.connectTimeout: invalid duration"))
+        );
+    }
+
+    #[test]
+    fn tls_secrets_exclude_the_matching_files() {
+        let errors = |yaml: &str| -> Vec<String> {
+            let spec: ServicePolicySpec = serde_saphyr::from_str(yaml).expect("parses");
+            service_policy(&spec)
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(
+            errors(
+                "targetRef: {name: s}\ntls: {mode: Mutual, caCertificateSecret: {name: ca}, clientCertificateSecret: {name: client}}\n"
+            ),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            errors("targetRef: {name: s}\ntls: {mode: Mutual, caCertificateFile: /ca.pem, caCertificateSecret: {name: ca}, clientCertificateSecret: {name: c}, privateKeyFile: /k.pem}\n"),
+            vec![
+                "spec.tls.caCertificateSecret: excludes caCertificateFile (use one of them)".to_string(),
+                "spec.tls.clientCertificateSecret: excludes certificateChainFile and privateKeyFile (use one of them)".to_string(),
+            ]
+        );
+        assert_eq!(
+            errors("targetRef: {name: s}\ntls: {mode: Mutual, caCertificateSecret: {name: Bad_Name}}\n"),
+            vec![
+                "spec.tls: mode Mutual needs clientCertificateSecret, or certificateChainFile and privateKeyFile".to_string(),
+                "spec.tls.caCertificateSecret.name: \"Bad_Name\" is not a valid Secret name (a DNS subdomain)".to_string(),
+            ]
         );
     }
 }

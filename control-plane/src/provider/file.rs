@@ -1,6 +1,7 @@
 //! The file provider: every YAML/JSON document under a directory (nested directories and
-//! multi-document files included) of kinds ServiceRoute, ServicePolicy, v1 Service and
-//! discovery.k8s.io/v1 EndpointSlice, watched for edits.
+//! multi-document files included) of kinds ServiceRoute, ServicePolicy, v1 Service,
+//! discovery.k8s.io/v1 EndpointSlice and v1 Secret (`data`/`stringData`; only the TLS keys of
+//! Secrets a ServicePolicy references are kept), watched for edits.
 //!
 //! A file that fails to parse, or an object that fails validation, is reported (file, document
 //! index, field path, reason) and the rest keeps being served. An object whose new version is
@@ -95,7 +96,12 @@ fn load_file(file: &Path, previous: Option<&Loaded>, loaded: &mut Loaded) {
             loaded.diagnostics.push(Diagnostic {
                 source: shown,
                 object: None,
-                message: format!("YAML syntax error: {e}"),
+                // Only the position and reason: the parser's source excerpt could quote a
+                // Secret's contents into logs and statuses.
+                message: format!(
+                    "YAML syntax error: {}",
+                    e.to_string().lines().next().unwrap_or_default()
+                ),
             });
             keep_file(file, previous, loaded);
             return;
@@ -175,6 +181,7 @@ pub fn apply(loaded: &Loaded, snapshot: &mut StoreSnapshot) {
         super::insert(snapshot, key, object);
     }
     snapshot.diagnostics = loaded.diagnostics.clone();
+    super::retain_referenced_secrets(snapshot);
     snapshot.synced = true;
 }
 
@@ -321,6 +328,65 @@ mod tests {
                 .broken_files
                 .iter()
                 .any(|f| f.ends_with("route.yaml"))
+        );
+    }
+
+    #[test]
+    fn referenced_secrets_are_read_from_data_and_others_are_dropped() {
+        use base64::Engine;
+        let pem =
+            "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUS3Ju\n-----END CERTIFICATE-----\n";
+        let b64 = base64::engine::general_purpose::STANDARD.encode(pem);
+        let policy = "apiVersion: capstan.dev/v1alpha1\nkind: ServicePolicy\nmetadata: {name: p, namespace: shop}\nspec:\n  targetRef: {name: web}\n  tls: {mode: Simple, caCertificateSecret: {name: ca}}\n";
+        let secret = |name: &str, ca: &str| {
+            format!(
+                "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: shop}}\ndata:\n  ca.crt: {ca}\n"
+            )
+        };
+        let dir = tempdir();
+        write(&dir, "svc.yaml", SVC);
+        write(&dir, "policy.yaml", policy);
+        write(&dir, "ca.yaml", &secret("ca", &b64));
+        write(
+            &dir,
+            "other.yaml",
+            &format!(
+                "{}---\n{}",
+                secret("other", &b64),
+                secret("broken", "'%%%'")
+            ),
+        );
+        let first = load_dir(&dir, None);
+        let mut s = StoreSnapshot::default();
+        apply(&first, &mut s);
+        assert_eq!(
+            s.secrets.keys().cloned().collect::<Vec<_>>(),
+            vec![ObjectKey::new("shop", "ca")],
+            "only the referenced Secret is kept"
+        );
+        assert_eq!(
+            s.secrets[&ObjectKey::new("shop", "ca")].ca_crt.as_deref(),
+            Some(pem.as_bytes())
+        );
+        assert!(
+            s.diagnostics.is_empty(),
+            "unreferenced Secrets are nobody's problem: {:?}",
+            s.diagnostics
+        );
+
+        // A bad rotation keeps the last valid version and is reported, naming the key.
+        write(&dir, "ca.yaml", &secret("ca", "bm90IGEgY2VydA=="));
+        let second = load_dir(&dir, Some(&first));
+        apply(&second, &mut s);
+        assert_eq!(
+            s.secrets[&ObjectKey::new("shop", "ca")].ca_crt.as_deref(),
+            Some(pem.as_bytes())
+        );
+        assert_eq!(s.diagnostics.len(), 1, "{:?}", s.diagnostics);
+        assert_eq!(s.diagnostics[0].object.as_deref(), Some("Secret shop/ca"));
+        assert_eq!(
+            s.diagnostics[0].message,
+            "ca.crt: no PEM CERTIFICATE block (keeping its last valid version)"
         );
     }
 

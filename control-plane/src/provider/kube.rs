@@ -17,6 +17,9 @@
 //! * Nothing is published before every source has finished its first list (`synced`), so the
 //!   xDS server never serves a partial world.
 //! * `--watch-namespaces a,b` runs one watcher per kind and namespace; empty means cluster-wide.
+//! * Secrets are watched only with `--watch-secrets` (it needs RBAC to list and watch them);
+//!   only the TLS keys of Secrets a ServicePolicy references are published, and problems with
+//!   other Secrets are logged at debug level only, never with their contents.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -36,6 +39,8 @@ use crate::store::{Diagnostic, ObjectKey, Rejected, Store, StoreSnapshot};
 pub struct Options {
     /// Namespaces to watch; empty: all.
     pub namespaces: Vec<String>,
+    /// Also watch Secrets (for `ServicePolicy` `spec.tls.*Secret`).
+    pub secrets: bool,
 }
 
 fn api_resource(kind: Kind) -> ApiResource {
@@ -49,6 +54,7 @@ fn api_resource(kind: Kind) -> ApiResource {
         ),
         Kind::Service => ("", "v1", "Service", "services"),
         Kind::EndpointSlice => ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
+        Kind::Secret => ("", "v1", "Secret", "secrets"),
     };
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind_name), plural)
 }
@@ -140,11 +146,13 @@ impl Source {
                 objects.insert(key, obj);
             }
             Seen::Invalid(key, diagnostic) => {
-                tracing::warn!(
-                    object = diagnostic.diagnostic.object.as_deref().unwrap_or(""),
-                    "{}",
-                    diagnostic.diagnostic.message
-                );
+                let object = diagnostic.diagnostic.object.as_deref().unwrap_or("");
+                if kind == Kind::Secret {
+                    // Most Secrets are none of our business; referenced ones get a status.
+                    tracing::debug!(object, "{}", diagnostic.diagnostic.message);
+                } else {
+                    tracing::warn!(object, "{}", diagnostic.diagnostic.message);
+                }
                 match &mut self.relist {
                     // During a re-list the last valid version is the one from before it.
                     Some((objects, invalid)) => {
@@ -184,8 +192,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Replaces the store's objects with every source's.
-fn apply(sources: &[Source], snapshot: &mut StoreSnapshot) {
+fn apply(sources: &[Source], secrets_watched: bool, snapshot: &mut StoreSnapshot) {
     super::clear_objects(snapshot);
+    snapshot.secrets_unwatched = !secrets_watched;
     snapshot.diagnostics.clear();
     snapshot.rejected.clear();
     for source in sources {
@@ -210,6 +219,7 @@ fn apply(sources: &[Source], snapshot: &mut StoreSnapshot) {
             }
         }
     }
+    super::retain_referenced_secrets(snapshot);
     snapshot.synced = true;
 }
 
@@ -227,7 +237,10 @@ pub async fn run(
         options.namespaces.iter().cloned().map(Some).collect()
     };
     let mut plan = Vec::new();
-    for kind in KINDS {
+    let kinds = KINDS
+        .into_iter()
+        .chain(options.secrets.then_some(Kind::Secret));
+    for kind in kinds {
         for scope in &scopes {
             plan.push((kind, scope.clone()));
         }
@@ -266,7 +279,7 @@ pub async fn run(
             let objects: usize = sources.iter().map(|s| s.objects.len()).sum();
             tracing::info!(objects, "Kubernetes caches synced");
         }
-        store.update(|s| apply(&sources, s));
+        store.update(|s| apply(&sources, options.secrets, s));
     }
     tasks.abort_all();
     Ok(())
@@ -362,6 +375,10 @@ fn hint(kind: Kind, e: &watcher::Error) -> String {
             " (the {} CRD is not installed: kubectl apply --server-side -f crds/, or install the Helm chart)",
             ar.plural
         ),
+        Some(401 | 403) if kind == Kind::Secret => " (--watch-secrets needs RBAC to get, list \
+             and watch secrets: set the Helm value controlPlane.watchSecrets=true, or turn \
+             --watch-secrets off)"
+            .to_string(),
         Some(401 | 403) => format!(
             " (the control plane's service account may not list/watch {}.{}: check its RBAC)",
             ar.plural,
@@ -397,5 +414,6 @@ mod tests {
         assert!(rbac.contains("endpointslices.discovery.k8s.io"), "{rbac}");
         assert!(hint(Kind::Service, &api_error(403)).contains("services.core"));
         assert_eq!(hint(Kind::Service, &api_error(500)), "");
+        assert!(hint(Kind::Secret, &api_error(403)).contains("controlPlane.watchSecrets=true"));
     }
 }

@@ -6,7 +6,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::DeserializeOwned;
 
 use crate::api::{self, ServicePolicy, ServiceRoute};
-use crate::store::ObjectKey;
+use crate::store::{ObjectKey, TlsSecret};
 
 /// One decoded object.
 #[derive(Clone, Debug)]
@@ -15,6 +15,8 @@ pub enum Object {
     Policy(Box<ServicePolicy>),
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
+    /// A v1 Secret, reduced to its TLS keys.
+    Secret(Box<TlsSecret>),
 }
 
 /// The kinds a document can be, as `apiVersion` + `kind`.
@@ -24,6 +26,7 @@ pub enum Kind {
     ServicePolicy,
     Service,
     EndpointSlice,
+    Secret,
 }
 
 impl Kind {
@@ -33,6 +36,7 @@ impl Kind {
             Kind::ServicePolicy => "ServicePolicy",
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::Secret => "Secret",
         }
     }
 }
@@ -44,6 +48,7 @@ impl Object {
             Object::Policy(_) => Kind::ServicePolicy,
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::Secret(_) => Kind::Secret,
         }
     }
 }
@@ -98,6 +103,7 @@ pub fn decode(doc: serde_json::Value, default_namespace: &str) -> Result<Decoded
         ("capstan.dev/v1alpha1", "ServicePolicy") => Kind::ServicePolicy,
         ("v1", "Service") => Kind::Service,
         ("discovery.k8s.io/v1", "EndpointSlice") => Kind::EndpointSlice,
+        ("v1", "Secret") => Kind::Secret,
         (v, k @ ("ServiceRoute" | "ServicePolicy")) => {
             return Err(err(
                 None,
@@ -134,6 +140,13 @@ pub fn decode(doc: serde_json::Value, default_namespace: &str) -> Result<Decoded
     }
     let key = ObjectKey::new(namespace.clone(), name);
     let object = Some((kind, key.clone()));
+    if kind == Kind::Secret {
+        // Decoded by hand: a serde error could quote the Secret's contents.
+        return match tls_secret(map) {
+            Ok(secret) => Ok(Decoded::Object(key, Object::Secret(Box::new(secret)))),
+            Err(messages) => Err(DocError { object, messages }),
+        };
+    }
     // Our own CRDs are strict: an unknown field is almost always a typo that would silently
     // change routing. Kubernetes' built-in kinds may carry fields newer than our client knows.
     let strict = matches!(kind, Kind::ServiceRoute | Kind::ServicePolicy);
@@ -148,6 +161,8 @@ pub fn decode(doc: serde_json::Value, default_namespace: &str) -> Result<Decoded
         Kind::EndpointSlice => {
             typed::<EndpointSlice>(doc, strict).map(|o| Object::EndpointSlice(Box::new(o)))
         }
+        // Decoded above, before anything could quote it.
+        Kind::Secret => Err(vec!["Secret: internal decoding error".to_string()]),
     }
     .map_err(|messages| DocError {
         object: object.clone(),
@@ -170,6 +185,7 @@ pub fn decode(doc: serde_json::Value, default_namespace: &str) -> Result<Decoded
             s.metadata.namespace = Some(namespace);
             Vec::new()
         }
+        Object::Secret(_) => Vec::new(),
     };
     if !field_errors.is_empty() {
         return Err(DocError {
@@ -178,6 +194,93 @@ pub fn decode(doc: serde_json::Value, default_namespace: &str) -> Result<Decoded
         });
     }
     Ok(Decoded::Object(key, decoded))
+}
+
+/// The Secret keys the control plane reads; every other key is dropped unread.
+pub const CA_CRT: &str = "ca.crt";
+pub const TLS_CRT: &str = "tls.crt";
+pub const TLS_KEY: &str = "tls.key";
+
+/// Reads `ca.crt`, `tls.crt` and `tls.key` from a Secret's `data` (base64) and `stringData`
+/// (which wins, as the API server merges it), checking each is PEM of the right kind.
+/// Messages name the key, never the value.
+fn tls_secret(map: &serde_json::Map<String, serde_json::Value>) -> Result<TlsSecret, Vec<String>> {
+    use base64::Engine;
+    let mut errors = Vec::new();
+    let mut value = |key: &str| -> Option<Vec<u8>> {
+        if let Some(v) = map.get("stringData").and_then(|d| d.get(key)) {
+            return match v.as_str() {
+                Some(text) => Some(text.as_bytes().to_vec()),
+                None => {
+                    errors.push(format!("stringData[{key}]: not a string"));
+                    None
+                }
+            };
+        }
+        let v = map.get("data").and_then(|d| d.get(key))?;
+        let decoded = v.as_str().and_then(|text| {
+            base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .ok()
+        });
+        if decoded.is_none() {
+            errors.push(format!("data[{key}]: not valid base64"));
+        }
+        decoded
+    };
+    let secret = TlsSecret {
+        ca_crt: value(CA_CRT),
+        tls_crt: value(TLS_CRT),
+        tls_key: value(TLS_KEY),
+    };
+    for (key, pem) in [(CA_CRT, &secret.ca_crt), (TLS_CRT, &secret.tls_crt)] {
+        if let Some(pem) = pem
+            && let Err(e) = certificates_pem(pem)
+        {
+            errors.push(format!("{key}: {e}"));
+        }
+    }
+    if let Some(pem) = &secret.tls_key
+        && let Err(e) = private_key_pem(pem)
+    {
+        errors.push(format!("{TLS_KEY}: {e}"));
+    }
+    match (&secret.tls_crt, &secret.tls_key) {
+        (Some(_), None) => errors.push(format!("{TLS_CRT} is set but {TLS_KEY} is missing")),
+        (None, Some(_)) => errors.push(format!("{TLS_KEY} is set but {TLS_CRT} is missing")),
+        _ => {}
+    }
+    if errors.is_empty() {
+        Ok(secret)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Checks that `pem` holds at least one certificate and nothing that fails to parse.
+pub fn certificates_pem(pem: &[u8]) -> Result<usize, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut n = 0;
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        if cert.is_err() {
+            return Err("malformed PEM".into());
+        }
+        n += 1;
+    }
+    if n == 0 {
+        return Err("no PEM CERTIFICATE block".into());
+    }
+    Ok(n)
+}
+
+/// Checks that `pem` holds a private key (PKCS#8, PKCS#1 or SEC1).
+pub fn private_key_pem(pem: &[u8]) -> Result<(), String> {
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject;
+    PrivateKeyDer::from_pem_slice(pem)
+        .map(drop)
+        .map_err(|_| "no PEM private key (PKCS#8, RSA or EC)".into())
 }
 
 fn typed<T: DeserializeOwned>(doc: serde_json::Value, strict: bool) -> Result<T, Vec<String>> {
@@ -287,5 +390,46 @@ mod tests {
         )
         .expect("ok");
         assert!(matches!(d, Decoded::Skipped(_)));
+    }
+
+    #[test]
+    fn secrets_keep_only_their_tls_keys_and_errors_never_quote_them() {
+        use base64::Engine;
+        let b64 = |t: &str| base64::engine::general_purpose::STANDARD.encode(t);
+        let cert =
+            "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUS3Ju\n-----END CERTIFICATE-----\n";
+        let yaml = format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: ca, namespace: shop}}\ndata:\n  ca.crt: {}\n  password: {}\n",
+            b64(cert),
+            b64("hunter2")
+        );
+        let d = decode(doc(&yaml), "default").expect("valid");
+        let Decoded::Object(key, Object::Secret(s)) = d else {
+            panic!("secret expected")
+        };
+        assert_eq!(key, ObjectKey::new("shop", "ca"));
+        assert_eq!(s.ca_crt.as_deref(), Some(cert.as_bytes()));
+        assert!(s.tls_crt.is_none() && s.tls_key.is_none());
+        assert!(!format!("{s:?}").contains("BEGIN"), "Debug hides contents");
+
+        let bad = "apiVersion: v1\nkind: Secret\nmetadata: {name: c}\nstringData:\n  tls.crt: hunter2\n  tls.key: hunter2\ndata:\n  ca.crt: '%%%'\n";
+        let e = decode(doc(bad), "default").expect_err("invalid");
+        assert_eq!(
+            e.messages,
+            vec![
+                "data[ca.crt]: not valid base64".to_string(),
+                "tls.crt: no PEM CERTIFICATE block".to_string(),
+                "tls.key: no PEM private key (PKCS#8, RSA or EC)".to_string(),
+            ]
+        );
+        assert!(!e.messages.join(" ").contains("hunter2"));
+        let half = "apiVersion: v1\nkind: Secret\nmetadata: {name: c}\nstringData: {tls.key: x}\n";
+        let e = decode(doc(half), "default").expect_err("invalid");
+        assert!(
+            e.messages
+                .contains(&"tls.key is set but tls.crt is missing".to_string()),
+            "{:?}",
+            e.messages
+        );
     }
 }

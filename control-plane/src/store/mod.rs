@@ -70,11 +70,51 @@ pub struct StoreSnapshot {
     pub services: BTreeMap<ObjectKey, Service>,
     /// Keyed by the slice's own name; `kubernetes.io/service-name` links it to its Service.
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    /// The TLS material of the Secrets some ServicePolicy references (and only those: the
+    /// providers drop every other Secret before publishing).
+    pub secrets: BTreeMap<ObjectKey, TlsSecret>,
+    /// The provider does not read Secrets (Kubernetes without `--watch-secrets`), so a
+    /// missing one says nothing about the cluster.
+    pub secrets_unwatched: bool,
     pub diagnostics: Vec<Diagnostic>,
     /// Objects whose latest version was rejected (the last valid version, if any, is what is
     /// served), by kind name (`ServiceRoute`) and key. Only providers that know generations
     /// (Kubernetes) fill it; the status writer reports them.
     pub rejected: BTreeMap<(String, ObjectKey), Rejected>,
+}
+
+/// The TLS keys of a Kubernetes Secret (`ca.crt`, `tls.crt`, `tls.key`), each checked to be
+/// PEM of the right kind when it was read. Other keys of the Secret are never kept.
+///
+/// `Debug` shows which keys are present with their size and a SHA-256 prefix, never their
+/// contents (secrets must not reach logs); the file provider compares `Debug` renderings to
+/// see a change, so a rotation to a same-sized certificate must still differ.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct TlsSecret {
+    /// CA certificates (PEM), for validating a peer.
+    pub ca_crt: Option<Vec<u8>>,
+    /// Certificate chain (PEM); always together with `tls_key`.
+    pub tls_crt: Option<Vec<u8>>,
+    /// Private key (PEM).
+    pub tls_key: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for TlsSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use sha2::{Digest, Sha256};
+        let shown = |v: &Option<Vec<u8>>| {
+            v.as_ref().map(|b| {
+                let digest = Sha256::digest(b);
+                let prefix: String = digest.iter().take(8).map(|x| format!("{x:02x}")).collect();
+                format!("<{} bytes, sha256 {prefix}…>", b.len())
+            })
+        };
+        f.debug_struct("TlsSecret")
+            .field("ca_crt", &shown(&self.ca_crt))
+            .field("tls_crt", &shown(&self.tls_crt))
+            .field("tls_key", &shown(&self.tls_key))
+            .finish()
+    }
 }
 
 /// A rejected version of an object.

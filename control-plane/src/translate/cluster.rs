@@ -34,6 +34,7 @@ use envoy_types::pb::envoy::r#type::v3::{CodecClientType, Int64Range};
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
 use envoy_types::util::pack_any;
 
+use super::secret::SecretRefs;
 use super::service::{PortInfo, ServiceInfo};
 use super::util::{
     duration, header_value_ok, pb_duration, positive_duration, socket_address, u32v, u64v,
@@ -63,12 +64,14 @@ pub(crate) fn ads_config_source() -> ConfigSource {
 }
 
 /// The outbound EDS cluster of one Service port. `policy` problems (fields Envoy would reject)
-/// are appended to `problems`, each naming the field.
+/// are appended to `problems`, each naming the field; Secrets it references are collected in
+/// `secrets` (with their problems).
 pub(crate) fn outbound(
     svc: &ServiceInfo,
     port: &PortInfo,
     policy: Option<&ServicePolicySpec>,
     problems: &mut Vec<String>,
+    secrets: &mut SecretRefs<'_>,
 ) -> Cluster {
     let mut c = Cluster {
         name: port.cluster.clone(),
@@ -173,6 +176,7 @@ pub(crate) fn outbound(
             tls,
             protocol == UpstreamProtocol::HTTP2,
             problems,
+            secrets,
         ));
     }
     c
@@ -459,6 +463,7 @@ fn tls_transport_socket(
     tls: &UpstreamTls,
     http2: bool,
     problems: &mut Vec<String>,
+    secrets: &mut SecretRefs<'_>,
 ) -> TransportSocket {
     let file = |path: &str| DataSource {
         specifier: Some(data_source::Specifier::Filename(path.to_string())),
@@ -469,40 +474,68 @@ fn tls_transport_socket(
         // Most TLS servers only speak HTTP/2 when ALPN negotiated it.
         common.alpn_protocols = vec!["h2".to_string()];
     }
-    match &tls.ca_certificate_file {
-        Some(ca) => {
+    let namespace = &svc.key.namespace;
+    let sans = || -> Vec<SubjectAltNameMatcher> {
+        tls.subject_alt_names
+            .iter()
+            .map(|san| san_matcher(san))
+            .collect()
+    };
+    match (&tls.ca_certificate_file, &tls.ca_certificate_secret) {
+        (Some(ca), _) => {
             common.validation_context_type = Some(
                 common_tls_context::ValidationContextType::ValidationContext(
                     CertificateValidationContext {
                         trusted_ca: Some(file(ca)),
-                        match_typed_subject_alt_names: tls
-                            .subject_alt_names
-                            .iter()
-                            .map(|san| san_matcher(san))
-                            .collect(),
+                        match_typed_subject_alt_names: sans(),
                         ..Default::default()
                     },
                 ),
             );
         }
-        None if !tls.subject_alt_names.is_empty() => {
+        (None, Some(secret)) => {
+            // The CA comes over SDS; the SAN matchers stay in the cluster (merged by Envoy).
+            let sds = secrets.ca(namespace, &secret.name);
+            common.validation_context_type = Some(if tls.subject_alt_names.is_empty() {
+                common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(sds)
+            } else {
+                common_tls_context::ValidationContextType::CombinedValidationContext(
+                    common_tls_context::CombinedCertificateValidationContext {
+                        default_validation_context: Some(CertificateValidationContext {
+                            match_typed_subject_alt_names: sans(),
+                            ..Default::default()
+                        }),
+                        validation_context_sds_secret_config: Some(sds),
+                        ..Default::default()
+                    },
+                )
+            });
+        }
+        (None, None) if !tls.subject_alt_names.is_empty() => {
             // Envoy refuses SAN checks without a trusted CA (they would prove nothing).
             problems.push(
-                "spec.tls.subjectAltNames: needs spec.tls.caCertificateFile; not verified"
+                "spec.tls.subjectAltNames: needs spec.tls.caCertificateFile or caCertificateSecret; not verified"
                     .to_string(),
             );
         }
-        None => {}
+        (None, None) => {}
     }
     if tls.mode == TlsMode::Mutual {
-        match (&tls.certificate_chain_file, &tls.private_key_file) {
-            (Some(chain), Some(key)) => common.tls_certificates.push(TlsCertificate {
+        match (
+            &tls.certificate_chain_file,
+            &tls.private_key_file,
+            &tls.client_certificate_secret,
+        ) {
+            (Some(chain), Some(key), _) => common.tls_certificates.push(TlsCertificate {
                 certificate_chain: Some(file(chain)),
                 private_key: Some(file(key)),
                 ..Default::default()
             }),
+            (None, None, Some(secret)) => common
+                .tls_certificate_sds_secret_configs
+                .push(secrets.certificate(namespace, &secret.name)),
             _ => problems.push(
-                "spec.tls: mode Mutual needs certificateChainFile and privateKeyFile; no client certificate is sent".to_string(),
+                "spec.tls: mode Mutual needs clientCertificateSecret, or certificateChainFile and privateKeyFile; no client certificate is sent".to_string(),
             ),
         }
     }
@@ -520,6 +553,11 @@ fn tls_transport_socket(
         name: "envoy.transport_sockets.tls".to_string(),
         config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(context))),
     }
+}
+
+#[cfg(test)]
+pub(crate) fn san_matcher_for_tests(san: &str) -> SubjectAltNameMatcher {
+    san_matcher(san)
 }
 
 fn san_matcher(san: &str) -> SubjectAltNameMatcher {

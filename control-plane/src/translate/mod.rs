@@ -6,6 +6,7 @@
 //! Services ─────► service ──┬─► cluster  CDS: outbound|<port>||<fqdn> (EDS), inbound|<port>|| (STATIC)
 //! EndpointSlices ───────────┼─► endpoint EDS: one assignment per Service port, zones as localities
 //! ServicePolicies ─► policy ┤   (which policy configures which port; conflicts)
+//! Secrets ─► secret ────────┤   SDS: kubernetes://<ns>/<name>[/ca.crt] for spec.tls.*Secret
 //! ServiceRoutes ────────────┴─► route    RDS `outbound`: a virtual host per Service port, domains,
 //!                                 └─ rule  precedence; one Envoy route per (rule, match); re2 guard
 //! NodeInfo ─► node ─────────────► listener LDS: `outbound` 127.0.0.1:15001, `inbound` 0.0.0.0:15006
@@ -31,6 +32,7 @@ mod re2;
 mod render;
 mod route;
 mod rule;
+mod secret;
 mod service;
 mod status;
 mod util;
@@ -41,6 +43,7 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 
 pub use node::NodeInfo;
 pub use render::render_yaml;
@@ -60,6 +63,8 @@ pub struct Translation {
     pub listeners: Vec<Listener>,
     /// RDS resources, sorted by name.
     pub routes: Vec<RouteConfiguration>,
+    /// SDS resources (the Secrets clusters reference), sorted by name.
+    pub secrets: Vec<Secret>,
     /// `Accepted` and `ResolvedRefs` for every ServiceRoute and ServicePolicy.
     pub statuses: BTreeMap<(ObjectKind, ObjectKey), ObjectStatus>,
 }
@@ -73,6 +78,7 @@ pub fn translate(snapshot: &StoreSnapshot, node: &NodeInfo) -> Translation {
     let mut clusters = Vec::new();
     let mut endpoints = Vec::new();
     let mut policy_problems: BTreeMap<ObjectKey, Vec<String>> = BTreeMap::new();
+    let mut secret_refs = secret::SecretRefs::new(snapshot);
     for svc in services.by_key.values() {
         for port in &svc.ports {
             let policy = policies.for_port(&svc.key, port.port);
@@ -82,12 +88,17 @@ pub fn translate(snapshot: &StoreSnapshot, node: &NodeInfo) -> Translation {
                 port,
                 policy.map(|(_, p)| p),
                 &mut problems,
+                &mut secret_refs,
             ));
+            let unresolved = std::mem::take(&mut secret_refs.unresolved);
             if let Some((key, _)) = policy {
                 policy_problems
                     .entry(key.clone())
                     .or_default()
                     .extend(problems);
+                for (reason, message) in unresolved {
+                    statuses.unresolved(ObjectKind::ServicePolicy, key, reason, message);
+                }
             }
             endpoints.push(endpoint::assignment(snapshot, svc, port));
         }
@@ -120,6 +131,7 @@ pub fn translate(snapshot: &StoreSnapshot, node: &NodeInfo) -> Translation {
         endpoints,
         listeners,
         routes,
+        secrets: secret_refs.resources.into_values().collect(),
         statuses: statuses.finish(),
     }
 }
@@ -259,6 +271,254 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    mod tls_secrets {
+        use super::*;
+        use crate::store::{Diagnostic, TlsSecret};
+        use envoy_types::pb::envoy::config::core::v3::{
+            AggregatedConfigSource, ApiVersion, ConfigSource, DataSource, config_source,
+            data_source, transport_socket,
+        };
+        use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+            CertificateValidationContext, CommonTlsContext, SdsSecretConfig, TlsCertificate,
+            UpstreamTlsContext, common_tls_context, secret,
+        };
+        use prost::Message;
+
+        const MUTUAL: &str = "apiVersion: capstan.dev/v1alpha1\nkind: ServicePolicy\nmetadata: {name: p, namespace: shop}\nspec:\n  targetRef: {name: web}\n  tls:\n    mode: Mutual\n    subjectAltNames: [web.shop.svc]\n    caCertificateSecret: {name: ca}\n    clientCertificateSecret: {name: client}\n";
+
+        fn tls_secret(ca: Option<&str>, crt: Option<&str>, key: Option<&str>) -> TlsSecret {
+            let b = |v: Option<&str>| v.map(|t| t.as_bytes().to_vec());
+            TlsSecret {
+                ca_crt: b(ca),
+                tls_crt: b(crt),
+                tls_key: b(key),
+            }
+        }
+
+        fn with_secrets(secrets: &[(&str, TlsSecret)]) -> StoreSnapshot {
+            let mut s = snapshot(&[WEB], &[], &[MUTUAL]);
+            for (name, secret) in secrets {
+                s.secrets
+                    .insert(ObjectKey::new("shop", *name), secret.clone());
+            }
+            s
+        }
+
+        fn upstream_tls(t: &Translation) -> UpstreamTlsContext {
+            let c = t
+                .clusters
+                .iter()
+                .find(|c| c.name == "outbound|80||web.shop.svc.cluster.local")
+                .expect("cluster");
+            let Some(transport_socket::ConfigType::TypedConfig(any)) = &c
+                .transport_socket
+                .as_ref()
+                .expect("transport socket")
+                .config_type
+            else {
+                panic!("typed config expected")
+            };
+            assert_eq!(
+                any.type_url,
+                "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+            );
+            UpstreamTlsContext::decode(any.value.as_slice()).expect("decodes")
+        }
+
+        fn sds(name: &str) -> SdsSecretConfig {
+            SdsSecretConfig {
+                name: name.to_string(),
+                sds_config: Some(ConfigSource {
+                    resource_api_version: ApiVersion::V3 as i32,
+                    config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+                        AggregatedConfigSource {},
+                    )),
+                    ..Default::default()
+                }),
+            }
+        }
+
+        fn bytes(v: &str) -> Option<DataSource> {
+            Some(DataSource {
+                specifier: Some(data_source::Specifier::InlineBytes(v.as_bytes().to_vec())),
+                ..Default::default()
+            })
+        }
+
+        #[test]
+        fn secret_references_become_sds_configs_and_secrets_are_served() {
+            let t = translate(
+                &with_secrets(&[
+                    ("ca", tls_secret(Some("CA PEM"), None, None)),
+                    ("client", tls_secret(None, Some("CRT PEM"), Some("KEY PEM"))),
+                ]),
+                &NodeInfo::default(),
+            );
+            let expected = UpstreamTlsContext {
+                common_tls_context: Some(CommonTlsContext {
+                    tls_certificate_sds_secret_configs: vec![sds("kubernetes://shop/client")],
+                    validation_context_type: Some(
+                        common_tls_context::ValidationContextType::CombinedValidationContext(
+                            common_tls_context::CombinedCertificateValidationContext {
+                                default_validation_context: Some(CertificateValidationContext {
+                                    match_typed_subject_alt_names: vec![
+                                        super::super::cluster::san_matcher_for_tests(
+                                            "web.shop.svc",
+                                        ),
+                                    ],
+                                    ..Default::default()
+                                }),
+                                validation_context_sds_secret_config: Some(sds(
+                                    "kubernetes://shop/ca/ca.crt",
+                                )),
+                                ..Default::default()
+                            },
+                        ),
+                    ),
+                    ..Default::default()
+                }),
+                sni: "web.shop.svc.cluster.local".to_string(),
+                ..Default::default()
+            };
+            assert_eq!(upstream_tls(&t), expected);
+            assert_eq!(
+                t.secrets,
+                vec![
+                    Secret {
+                        name: "kubernetes://shop/ca/ca.crt".into(),
+                        r#type: Some(secret::Type::ValidationContext(
+                            CertificateValidationContext {
+                                trusted_ca: bytes("CA PEM"),
+                                ..Default::default()
+                            }
+                        )),
+                    },
+                    Secret {
+                        name: "kubernetes://shop/client".into(),
+                        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+                            certificate_chain: bytes("CRT PEM"),
+                            private_key: bytes("KEY PEM"),
+                            ..Default::default()
+                        })),
+                    },
+                ]
+            );
+            assert_eq!(
+                condition(&t, ObjectKind::ServicePolicy, "p", "ResolvedRefs").0,
+                "True"
+            );
+            let yaml = render_yaml(&t);
+            assert!(yaml.contains("kubernetes://shop/client"), "{yaml}");
+            assert!(
+                !yaml.contains(&base64_of("KEY PEM")) && yaml.contains("[redacted: 7 bytes]"),
+                "private keys are redacted: {yaml}"
+            );
+        }
+
+        fn base64_of(v: &str) -> String {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(v)
+        }
+
+        #[test]
+        fn a_ca_secret_without_sans_is_a_plain_sds_validation_context() {
+            let policy = MUTUAL
+                .replace("    subjectAltNames: [web.shop.svc]\n", "")
+                .replace("mode: Mutual", "mode: Simple");
+            let mut s = snapshot(&[WEB], &[], &[&policy]);
+            s.secrets.insert(
+                ObjectKey::new("shop", "ca"),
+                tls_secret(Some("CA PEM"), Some("C"), Some("K")),
+            );
+            let t = translate(&s, &NodeInfo::default());
+            let common = upstream_tls(&t).common_tls_context.expect("common");
+            assert_eq!(
+                common.validation_context_type,
+                Some(
+                    common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
+                        sds("kubernetes://shop/ca/ca.crt")
+                    )
+                )
+            );
+            assert!(common.tls_certificate_sds_secret_configs.is_empty());
+            assert_eq!(
+                t.secrets.len(),
+                1,
+                "Simple mode serves no client certificate"
+            );
+        }
+
+        #[test]
+        fn missing_or_incomplete_secrets_fail_closed_and_say_why() {
+            let t = translate(
+                &with_secrets(&[("client", tls_secret(Some("CA only"), None, None))]),
+                &NodeInfo::default(),
+            );
+            // Still referenced: the proxy waits for them instead of skipping verification.
+            let common = upstream_tls(&t).common_tls_context.expect("common");
+            assert_eq!(
+                common.tls_certificate_sds_secret_configs,
+                vec![sds("kubernetes://shop/client")]
+            );
+            assert!(common.validation_context_type.is_some());
+            assert!(t.secrets.is_empty(), "{:?}", t.secrets);
+            let (status, reason, message) =
+                condition(&t, ObjectKind::ServicePolicy, "p", "ResolvedRefs");
+            assert_eq!(
+                (status.as_str(), reason.as_str()),
+                ("False", "InvalidCACertificateRef")
+            );
+            assert_eq!(
+                message,
+                "spec.tls.caCertificateSecret: Secret shop/ca not found; \
+                 spec.tls.clientCertificateSecret: Secret shop/client has no tls.crt and tls.key"
+            );
+            assert_eq!(
+                condition(&t, ObjectKind::ServicePolicy, "p", "Accepted").0,
+                "True"
+            );
+        }
+
+        #[test]
+        fn a_missing_secret_names_the_switch_when_secrets_are_not_watched() {
+            let mut s = with_secrets(&[]);
+            s.secrets_unwatched = true;
+            let t = translate(&s, &NodeInfo::default());
+            let (_, _, message) = condition(&t, ObjectKind::ServicePolicy, "p", "ResolvedRefs");
+            assert!(
+                message.starts_with(
+                    "spec.tls.caCertificateSecret: Secret shop/ca cannot be read: the control plane does not watch Secrets (--watch-secrets"
+                ),
+                "{message}"
+            );
+        }
+
+        #[test]
+        fn a_rejected_update_keeps_serving_the_last_valid_secret_and_is_reported() {
+            let mut s = with_secrets(&[
+                ("ca", tls_secret(Some("CA PEM"), None, None)),
+                ("client", tls_secret(None, Some("CRT PEM"), Some("KEY PEM"))),
+            ]);
+            s.diagnostics.push(Diagnostic {
+                source: "kubernetes".into(),
+                object: Some("Secret shop/client".into()),
+                message: "tls.key: no PEM private key (PKCS#8, RSA or EC); keeping its last valid version".into(),
+            });
+            let t = translate(&s, &NodeInfo::default());
+            assert_eq!(t.secrets.len(), 2, "last valid version still served");
+            let (status, reason, message) =
+                condition(&t, ObjectKind::ServicePolicy, "p", "ResolvedRefs");
+            assert_eq!(
+                (status.as_str(), reason.as_str()),
+                ("False", "InvalidCertificateRef")
+            );
+            assert_eq!(
+                message,
+                "spec.tls.clientCertificateSecret: Secret shop/client is invalid: tls.key: no PEM private key (PKCS#8, RSA or EC); keeping its last valid version"
+            );
         }
     }
 }

@@ -2,7 +2,8 @@
 //! as in Envoy's docs and `config_dump`), for golden files and `capstan translate`-style
 //! debugging.
 //!
-//! Sections, in order: `clusters`, `endpoints`, `listeners`, `routes`, `statuses`. Map keys are
+//! Sections, in order: `clusters`, `endpoints`, `listeners`, `routes`, `secrets` (only when
+//! there are any; private keys redacted), `statuses`. Map keys are
 //! ordered explicitly (`@type` and `name` first, then alphabetical) rather than by whatever
 //! order `serde_json` was built with, so the text is the same in every build.
 
@@ -35,6 +36,11 @@ pub fn render_yaml(t: &Translation) -> String {
     doc.insert("endpoints".into(), resources(&t.endpoints));
     doc.insert("listeners".into(), resources(&t.listeners));
     doc.insert("routes".into(), resources(&t.routes));
+    if !t.secrets.is_empty() {
+        // Private keys never leave the process in text form.
+        let shown: Vec<_> = t.secrets.iter().map(super::secret::redacted).collect();
+        doc.insert("secrets".into(), resources(&shown));
+    }
     doc.insert("statuses".into(), Value::Array(statuses));
     let doc = Value::Object(doc);
     serde_saphyr::to_string(&Ordered(&doc)).unwrap_or_else(|e| format!("# rendering failed: {e}\n"))

@@ -52,6 +52,10 @@ pub(crate) mod reason {
     pub const CONFLICTED: &str = "Conflicted";
     pub const TARGET_NOT_FOUND: &str = "TargetNotFound";
     pub const INVALID: &str = "Invalid";
+    /// A `caCertificateSecret` is missing, malformed or has no `ca.crt` (BackendTLSPolicy's).
+    pub const INVALID_CA_CERTIFICATE_REF: &str = "InvalidCACertificateRef";
+    /// A `clientCertificateSecret` is missing, malformed or has no `tls.crt`/`tls.key`.
+    pub const INVALID_CERTIFICATE_REF: &str = "InvalidCertificateRef";
 }
 
 #[derive(Debug, Default)]

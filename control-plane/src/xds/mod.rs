@@ -1,5 +1,5 @@
 //! The xDS server: serves Envoy xDS v3 resources over gRPC — ADS (state of the world and
-//! delta) and the standalone CDS/EDS/LDS/RDS services — from per-node resource sets.
+//! delta) and the standalone CDS/EDS/LDS/RDS/SDS services — from per-node resource sets.
 //!
 //! Knows nothing of CRDs: it asks a [`ResourceSource`] for the resources of a node and is told
 //! when they may have changed.
@@ -16,6 +16,8 @@
 //! receives (the [`ResourceSource`] does), or check snapshot consistency (every EDS name in
 //! CDS, every RDS name in LDS) — the source hands out consistent snapshots; the server sends
 //! each change in make-before-break order (CDS → EDS → LDS → RDS, removed clusters last).
+//! SDS Secrets come after those: a cluster referring to a Secret it does not have yet warms
+//! until the Secret arrives, so their order needs nothing more.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -43,6 +45,10 @@ pub const ENDPOINT_TYPE: &str =
     "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+/// SDS: TLS certificates and validation contexts, requested by name by the clusters that
+/// reference them (never wildcard).
+pub const SECRET_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 /// The order in which a change is pushed (make-before-break).
 pub const PUSH_ORDER: [&str; 4] = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE];

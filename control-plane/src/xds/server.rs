@@ -1,6 +1,6 @@
 //! The gRPC face of the xDS server: [`XdsServer`] and the tonic service implementations of
 //! ADS (`StreamAggregatedResources`, `DeltaAggregatedResources`) and the standalone
-//! CDS/EDS/LDS/RDS services (`Stream*`, `Delta*`).
+//! CDS/EDS/LDS/RDS/SDS services (`Stream*`, `Delta*`).
 //!
 //! Owns wiring only: every streaming method hands its request stream to the one shared stream
 //! engine (`stream`) — a standalone service is an ADS stream restricted to its
@@ -33,6 +33,9 @@ use envoy_types::pb::envoy::service::listener::v3::listener_discovery_service_se
 use envoy_types::pb::envoy::service::route::v3::route_discovery_service_server::{
     RouteDiscoveryService, RouteDiscoveryServiceServer,
 };
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::{
+    SecretDiscoveryService, SecretDiscoveryServiceServer,
+};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
@@ -45,7 +48,7 @@ use super::nacks::NackLog;
 use super::sotw::Sotw;
 use super::stats::XdsStats;
 use super::stream::{Scope, Shared, spawn_stream};
-use super::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, ResourceSource};
+use super::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, ResourceSource, SECRET_TYPE};
 
 /// HTTP/2 keepalive: notice dead proxies (and let them notice a dead control plane) quickly.
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -136,7 +139,8 @@ impl XdsServer {
             .add_service(ClusterDiscoveryServiceServer::from_arc(services.clone()))
             .add_service(EndpointDiscoveryServiceServer::from_arc(services.clone()))
             .add_service(ListenerDiscoveryServiceServer::from_arc(services.clone()))
-            .add_service(RouteDiscoveryServiceServer::from_arc(services))
+            .add_service(RouteDiscoveryServiceServer::from_arc(services.clone()))
+            .add_service(SecretDiscoveryServiceServer::from_arc(services))
             .serve_with_incoming_shutdown(incoming, signal)
             .await?;
         Ok(())
@@ -284,4 +288,13 @@ standalone_service!(
     DeltaRoutesStream,
     delta_routes,
     fetch_routes
+);
+standalone_service!(
+    SecretDiscoveryService,
+    SECRET_TYPE,
+    StreamSecretsStream,
+    stream_secrets,
+    DeltaSecretsStream,
+    delta_secrets,
+    fetch_secrets
 );
