@@ -386,3 +386,63 @@ pub async fn wait_live(admin: SocketAddr) -> bool {
 
 /// How long to wait for things that should happen "at once" on a loaded CI machine.
 pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Which proxy a differential test runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Envoy,
+    Capstan,
+}
+
+impl Peer {
+    pub fn name(self) -> &'static str {
+        match self {
+            Peer::Envoy => "envoy",
+            Peer::Capstan => "capstan-proxy",
+        }
+    }
+}
+
+/// Starts stock Envoy or capstan-proxy (one worker each) on the static bootstrap that
+/// `bootstrap(admin_port)` renders, and waits until it is LIVE. `None` only for Envoy when it
+/// is not installed outside CI (under `CI=true` that panics in [`envoy_binary`]).
+pub async fn start_static_peer(
+    peer: Peer,
+    work: &Path,
+    bootstrap: impl Fn(u16) -> String,
+) -> Option<Envoy> {
+    let admin_port = free_port();
+    let file = work.join(format!("{}.yaml", peer.name()));
+    std::fs::write(&file, bootstrap(admin_port)).expect("write bootstrap");
+    let mut cmd = match peer {
+        Peer::Envoy => {
+            let mut c = Command::new(envoy_binary()?);
+            c.arg("--disable-hot-restart");
+            c
+        }
+        Peer::Capstan => {
+            let mut c = Command::new(workspace_bin("capstan-proxy", "capstan-proxy"));
+            c.args(["--readiness-address", &format!("127.0.0.1:{}", free_port())]);
+            c
+        }
+    };
+    cmd.arg("-c").arg(&file).args([
+        "--concurrency",
+        "1",
+        "--log-level",
+        "warn",
+        "--drain-time-s",
+        "1",
+    ]);
+    let running = Envoy {
+        proc: spawn(peer.name(), cmd, work),
+        admin: ([127, 0, 0, 1], admin_port).into(),
+    };
+    assert!(
+        wait_live(running.admin).await,
+        "{} did not become LIVE:\n{}",
+        peer.name(),
+        running.proc.logs()
+    );
+    Some(running)
+}

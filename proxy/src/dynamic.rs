@@ -40,8 +40,8 @@ use crate::init::{self, FetchOutcome};
 use crate::listener::{ListenerManager, RdsSource};
 use crate::stats::{Sample, Scope, Source};
 use crate::xds::{
-    CLUSTER_TYPE, ENDPOINT_TYPE, InitialFetch, LISTENER_TYPE, ROUTE_TYPE, SubscriptionNames,
-    XdsClient, XdsHandler,
+    CLUSTER_TYPE, ENDPOINT_TYPE, InitialFetch, LISTENER_TYPE, ROUTE_TYPE, SECRET_TYPE,
+    SubscriptionNames, XdsClient, XdsHandler,
 };
 
 /// Applies xDS updates to the proxy's managers.
@@ -82,9 +82,39 @@ impl DynamicConfig {
 
     /// Connects the handler to its client (which was built with this handler).
     pub fn set_client(&self, client: XdsClient) {
+        let sds = client.clone();
         if self.client.set(client).is_err() {
             tracing::warn!("xDS client set twice; keeping the first");
+            return;
         }
+        // SDS: the secret names the TLS contexts need (`crate::tls::sds`).
+        crate::tls::sds::store().set_subscriber(Arc::new(move |names| {
+            sds.subscribe(SECRET_TYPE, SubscriptionNames::Names(names));
+        }));
+    }
+
+    /// SDS secrets: all are validated (a bad one NACKs the response, naming its field), then
+    /// the TLS contexts using them are rebuilt.
+    fn apply_secrets(&self, updated: Vec<(String, Any)>) -> Result<(), String> {
+        use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
+        let mut problems = Vec::new();
+        let mut translated = Vec::new();
+        for (name, any) in &updated {
+            let mut errors = Errors::new();
+            if let Some(mut s) = decode::<Secret>(any, &mut errors) {
+                supported::check(&s, &Path::root(), &mut errors);
+                if let Some(secret) = crate::config::tls::secret(&s, &Path::root(), &mut errors) {
+                    crate::config::tls::redact(&mut s);
+                    translated.push((name.clone(), secret, envoy_types::util::pack_any(s)));
+                }
+            }
+            collect(&mut problems, "Secret", name, &errors);
+        }
+        if !problems.is_empty() {
+            return Err(problems.join("; "));
+        }
+        crate::tls::sds::store().apply(translated);
+        Ok(())
     }
 
     pub fn client(&self) -> Option<&XdsClient> {
@@ -139,6 +169,8 @@ impl DynamicConfig {
             cds.values().cloned().collect()
         };
         self.clusters.apply_cds(desired);
+        // Secrets only removed clusters used are unsubscribed.
+        crate::tls::sds::store().update_subscription();
         Ok(())
     }
 
@@ -239,6 +271,7 @@ impl DynamicConfig {
                 .collect();
         }
         self.listeners.apply_lds(desired, &self.server_init);
+        crate::tls::sds::store().update_subscription();
         Ok(())
     }
 
@@ -290,6 +323,7 @@ impl XdsHandler for DynamicConfig {
             ENDPOINT_TYPE => self.apply_endpoints(resources, Vec::new()),
             LISTENER_TYPE => self.apply_listeners(resources, Vec::new(), true),
             ROUTE_TYPE => self.apply_routes(resources),
+            SECRET_TYPE => self.apply_secrets(resources),
             other => Err(format!("unsupported resource type {other}")),
         }
     }
@@ -306,6 +340,8 @@ impl XdsHandler for DynamicConfig {
             LISTENER_TYPE => self.apply_listeners(updated, removed, false),
             // A removed route configuration keeps serving until no listener uses it.
             ROUTE_TYPE => self.apply_routes(updated),
+            // A removed secret keeps serving, as in Envoy.
+            SECRET_TYPE => self.apply_secrets(updated),
             other => Err(format!("unsupported resource type {other}")),
         }
     }
@@ -415,6 +451,19 @@ pub fn assignment(
     errors: &mut Errors,
 ) -> Vec<ResolvedEndpoint> {
     supported::check(cla, &Path::root(), errors);
+    if cla
+        .policy
+        .as_ref()
+        .is_some_and(|p| p.overprovisioning_factor.is_some())
+    {
+        // The factor is per cluster here (from its inline assignment), not per EDS update.
+        errors.push(
+            &Path::root()
+                .field("policy")
+                .field("overprovisioning_factor"),
+            "unsupported field (overprovisioning_factor in EDS assignments is not implemented yet)",
+        );
+    }
     let discovery = Discovery::Eds {
         service_name: cla.cluster_name.clone(),
         initial_fetch_timeout: None,
@@ -432,6 +481,8 @@ pub fn assignment(
                 hostname: e.hostname,
                 locality: e.locality,
                 health: e.health,
+                weight: e.weight,
+                priority: e.priority,
             }),
             EndpointAddress::Dns { .. } => None,
         })
@@ -484,6 +535,16 @@ endpoints:
         assert!(eps[0].health.is_routable());
         assert_eq!(eps[1].health, HealthStatus::Draining);
         assert!(!eps[1].health.is_routable() && !eps[2].health.is_routable());
+        let eps = cla(r#"
+cluster_name: web
+endpoints:
+- priority: 2
+  lb_endpoints:
+  - endpoint: { address: { socket_address: { address: 10.0.0.1, port_value: 80 } } }
+    load_balancing_weight: 7
+"#)
+        .expect("valid");
+        assert_eq!((eps[0].weight, eps[0].priority), (7, 2));
     }
 
     #[test]
@@ -492,16 +553,16 @@ endpoints:
 cluster_name: web
 policy: { overprovisioning_factor: 140 }
 endpoints:
-- priority: 1
+- priority: 300
   lb_endpoints:
   - endpoint: { address: { socket_address: { address: web.local, port_value: 80 } } }
-    load_balancing_weight: 3
+    load_balancing_weight: 0
 "#)
         .expect_err("invalid");
         let expected = [
-            "policy: unsupported field",
-            "endpoints[0].priority: unsupported value 1 (supported: 0)",
-            "endpoints[0].lb_endpoints[0].load_balancing_weight: unsupported value 3 (supported: 1 (weighted hosts are not implemented yet))",
+            "policy.overprovisioning_factor: unsupported field (overprovisioning_factor in EDS assignments is not implemented yet)",
+            "endpoints[0].priority: 300 is above the largest supported priority 127",
+            "endpoints[0].lb_endpoints[0].load_balancing_weight: must be at least 1",
             "endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address: malformed IP address \"web.local\" (EDS clusters need IP addresses)",
         ];
         for e in expected {

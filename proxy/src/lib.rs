@@ -37,6 +37,7 @@ pub mod memory;
 pub mod server;
 pub mod stats;
 pub mod tcp;
+pub mod tls;
 pub mod xds;
 
 /// The version reported by `/server_info` and the `x-envoy`-style identification.

@@ -63,8 +63,8 @@ static_resources:
     assert_eq!(code, Some(64), "{stderr}");
     for expected in [
         "static_resources.clusters[1].type: unsupported value ORIGINAL_DST (supported: STATIC, STRICT_DNS, LOGICAL_DNS, EDS)",
-        "static_resources.clusters[1].lb_policy: unsupported value CLUSTER_PROVIDED (supported: ROUND_ROBIN, LEAST_REQUEST, RANDOM)",
-        "static_resources.clusters[2].health_checks: unsupported field (active health checking is not implemented yet)",
+        "static_resources.clusters[1].lb_policy: unsupported value CLUSTER_PROVIDED (supported: ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV)",
+        "static_resources.clusters[2].health_checks[0].unhealthy_threshold: required",
         "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.access_log: unsupported field (access logs are not implemented yet)",
     ] {
         assert!(

@@ -396,7 +396,7 @@ async fn a_nacked_first_cds_response_ends_the_wait_and_names_the_field() {
         "outbound|80||x",
         eds_cluster(
             "outbound|80||x",
-            "health_checks: [{ timeout: 1s, interval: 1s }]\n",
+            "health_checks: [{ timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, custom_health_check: { name: x } }]\n",
         ),
     );
     let proxy = Proxy::start(&ads_bootstrap(xds_port, "30s", ""), &[]);
@@ -405,8 +405,9 @@ async fn a_nacked_first_cds_response_ends_the_wait_and_names_the_field() {
     let nack = nacks.latest_for_node("proxy-0.default").expect("a NACK");
     assert_eq!(nack.type_url, CLUSTER_TYPE);
     assert!(
-        nack.message
-            .contains("Cluster outbound|80||x: health_checks: unsupported field"),
+        nack.message.contains(
+            "Cluster outbound|80||x: health_checks[0].custom_health_check: unsupported field"
+        ),
         "{}",
         nack.message
     );
@@ -439,7 +440,7 @@ async fn unsupported_updates_are_nacked_and_traffic_keeps_the_previous_config() 
         ROUTE_TYPE,
         "routes",
         yaml::<RouteConfiguration>(
-            "name: routes\nvirtual_hosts:\n- name: all\n  domains: [\"*\"]\n  routes: [{ match: { prefix: / }, route: { cluster: web, hash_policy: [{ header: { header_name: x-user } }] } }]\n",
+            "name: routes\nvirtual_hosts:\n- name: all\n  domains: [\"*\"]\n  routes: [{ match: { prefix: / }, route: { cluster: web, hash_policy: [{ filter_state: { key: x-user } }] } }]\n",
         ),
     );
     assert!(
@@ -458,7 +459,7 @@ async fn unsupported_updates_are_nacked_and_traffic_keeps_the_previous_config() 
         .find(|n| n.type_url == ROUTE_TYPE)
         .expect("RDS nack");
     assert!(
-        rds_nack.message.contains("RouteConfiguration routes: virtual_hosts[0].routes[0].route.hash_policy: unsupported field"),
+        rds_nack.message.contains("RouteConfiguration routes: virtual_hosts[0].routes[0].route.hash_policy[0].filter_state: unsupported field"),
         "{}",
         rds_nack.message
     );
@@ -468,7 +469,10 @@ async fn unsupported_updates_are_nacked_and_traffic_keeps_the_previous_config() 
     source.put(
         CLUSTER_TYPE,
         "web",
-        eds_cluster("web", "outlier_detection: { consecutive_5xx: 3 }\n"),
+        eds_cluster(
+            "web",
+            "outlier_detection: { max_ejection_time_jitter: 1s }\n",
+        ),
     );
     source.put(CLUSTER_TYPE, "other", eds_cluster("other", ""));
     assert!(
@@ -486,7 +490,7 @@ async fn unsupported_updates_are_nacked_and_traffic_keeps_the_previous_config() 
         .expect("CDS nack");
     assert!(
         nack.message
-            .contains("Cluster web: outlier_detection: unsupported field"),
+            .contains("Cluster web: outlier_detection.max_ejection_time_jitter: unsupported field"),
         "{}",
         nack.message
     );

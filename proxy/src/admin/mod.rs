@@ -284,12 +284,12 @@ impl Admin {
                     ("rq_total", s.rq_total.get().to_string()),
                     ("hostname", h.hostname.clone()),
                     ("health_flags", health_flags(h).to_string()),
-                    ("weight", "1".to_string()),
+                    ("weight", h.weight().to_string()),
                     ("region", h.locality.region.clone()),
                     ("zone", h.locality.zone.clone()),
                     ("sub_zone", h.locality.sub_zone.clone()),
                     ("canary", "false".to_string()),
-                    ("priority", "0".to_string()),
+                    ("priority", h.priority().to_string()),
                     ("success_rate", "-1".to_string()),
                     ("local_origin_success_rate", "-1".to_string()),
                 ] {
@@ -457,14 +457,34 @@ impl Admin {
             static_route_configs,
             dynamic_route_configs,
         };
-        let dump = admin_pb::ConfigDump {
-            configs: vec![
-                pack_any(bootstrap),
-                pack_any(clusters),
-                pack_any(listeners),
-                pack_any(routes),
-            ],
-        };
+        let mut configs = vec![
+            pack_any(bootstrap),
+            pack_any(clusters),
+            pack_any(listeners),
+            pack_any(routes),
+        ];
+        // SDS secrets (private keys redacted), when there are any.
+        let secret_version = version(crate::xds::SECRET_TYPE);
+        let dynamic_active_secrets: Vec<_> = crate::tls::sds::store()
+            .dump()
+            .into_iter()
+            .map(
+                |(name, secret, at)| admin_pb::secrets_config_dump::DynamicSecret {
+                    version_info: secret_version(&name),
+                    name,
+                    last_updated: Some(timestamp(at)),
+                    secret: Some(secret),
+                    ..Default::default()
+                },
+            )
+            .collect();
+        if !dynamic_active_secrets.is_empty() {
+            configs.push(pack_any(admin_pb::SecretsConfigDump {
+                dynamic_active_secrets,
+                ..Default::default()
+            }));
+        }
+        let dump = admin_pb::ConfigDump { configs };
         match capstan_proto::to_json(&dump) {
             Ok(v) => json(&v),
             Err(e) => text(
@@ -540,7 +560,8 @@ fn cluster_status(c: &Cluster) -> admin_pb::ClusterStatus {
                         eds_health_status: h.health().as_proto() as i32,
                         ..Default::default()
                     }),
-                    weight: 1,
+                    weight: h.weight(),
+                    priority: h.priority(),
                     hostname: h.hostname.clone(),
                     locality: Some(core::Locality {
                         region: h.locality.region.clone(),

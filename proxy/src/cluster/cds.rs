@@ -4,8 +4,8 @@
 //! An unchanged cluster (same resource) is left alone; a new or changed one is built aside as
 //! *warming* and replaces the active cluster of that name only once it has initialized — a
 //! STATIC cluster at once, a DNS cluster after its first resolution, an EDS cluster on its
-//! first `ClusterLoadAssignment` (or its `initial_fetch_timeout`) — so the old one keeps
-//! serving meanwhile. Clusters absent from the set are removed (and their warming versions
+//! first `ClusterLoadAssignment` (or its `initial_fetch_timeout`), and with `health_checks`
+//! only after its first round of health checks — so the old one keeps serving meanwhile. Clusters absent from the set are removed (and their warming versions
 //! dropped). During the server's initialization the warming targets register in
 //! [`ClusterManager::cds_init`] (primary, then secondary), which the server waits on after the
 //! first CDS response; afterwards each cluster warms on its own.
@@ -140,9 +140,33 @@ impl ClusterManager {
             {
                 tracing::warn!(error = %e, "cannot warm cluster");
             }
+            // A TLS context naming SDS secrets keeps the cluster warming until they arrive.
+            if let Some(tls) = cluster
+                .config
+                .tls
+                .clone()
+                .filter(|t| t.common.sds_refs().next().is_some())
+            {
+                let registered = own.add_target(format!("cluster {name} SDS secrets"), move |h| {
+                    tokio::spawn(async move {
+                        let ok = crate::tls::sds::wait_ready(tls).await;
+                        tracing::info!(ready = ok, "cluster TLS secrets initial fetch ended");
+                        h.ready();
+                    });
+                });
+                if let Err(e) = registered {
+                    tracing::warn!(error = %e, "cannot register the SDS init target");
+                }
+            }
             let warm = own.initialize();
             tokio::spawn(async move {
                 warm.wait().await;
+                // Envoy's cluster initialization (and so warming) includes the first round
+                // of active health checks.
+                let round = cluster.health_checker().map(|hc| hc.round_finished());
+                if let Some(round) = round {
+                    round.await;
+                }
                 if let Some(cm) = weak_cm.upgrade() {
                     cm.warmed(&cluster);
                 }
@@ -299,6 +323,8 @@ mod tests {
             hostname: String::new(),
             locality: Locality::default(),
             health: HealthStatus::Healthy,
+            weight: 1,
+            priority: 0,
         }
     }
 

@@ -5,7 +5,7 @@
 //! (an unbounded mpsc whose blocks hold 32 request envelopes), an eagerly allocated write buffer
 //! and a read buffer, all kept while the connection idles in the pool. With hundreds of pooled
 //! upstream connections that was most of the proxy's heap. Here an idle pooled connection is a
-//! [`Conn`]: the `TcpStream` and its stats guard, nothing else.
+//! [`Conn`]: the socket (plain or TLS, [`super::stream`]) and its stats guard, nothing else.
 //!
 //! Design: [`send`] writes the request head (serialized once per request into one buffer),
 //! streams the request body with backpressure and, concurrently in the same poll, reads the
@@ -41,9 +41,11 @@ use http::request::Parts;
 use http::{Method, Response, StatusCode, Version};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::AsyncWrite;
+#[cfg(test)]
 use tokio::net::TcpStream;
 
 use super::pool::{ConnectionGuard, Pool};
+use super::stream::UpstreamStream;
 use crate::http::body::{BoxError, RequestBody};
 
 /// The largest response head (and trailer section) accepted, as Envoy's default
@@ -58,23 +60,30 @@ const MAX_CHUNK_LINE: usize = 4096;
 
 /// An idle upstream connection: the socket and its `upstream_cx_active` guard.
 pub struct Conn {
-    stream: TcpStream,
+    stream: UpstreamStream,
     _guard: ConnectionGuard,
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, guard: ConnectionGuard) -> Self {
+    pub fn new(stream: impl Into<UpstreamStream>, guard: ConnectionGuard) -> Self {
         Self {
-            stream,
+            stream: stream.into(),
             _guard: guard,
         }
+    }
+
+    pub(super) fn guard(&self) -> &ConnectionGuard {
+        &self._guard
+    }
+
+    pub(super) fn guard_mut(&mut self) -> &mut ConnectionGuard {
+        &mut self._guard
     }
 
     /// Whether an idle connection may carry a request: still open and with nothing
     /// unsolicited to read (a read of 0 bytes is a close, data is a protocol error).
     pub fn is_usable(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        self.stream.is_usable()
     }
 }
 
@@ -304,7 +313,7 @@ pub async fn send(
 }
 
 struct Exchange {
-    stream: TcpStream,
+    stream: UpstreamStream,
     guard: ConnectionGuard,
     pool: Arc<Pool>,
     buf: BytesMut,
@@ -504,22 +513,11 @@ impl Exchange {
     /// Reads more bytes into the buffer; `Ok(0)` at end of stream. The buffer grows only once
     /// the socket is readable: a request waiting for its response holds none.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, Error>> {
-        loop {
-            ready!(self.stream.poll_read_ready(cx))?;
-            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-                self.buf.reserve(READ_CHUNK);
-            }
-            match self.stream.try_read_buf(&mut self.buf) {
-                Ok(n) => {
-                    if n > 0 {
-                        self.received = true;
-                    }
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e.into())),
-            }
+        let n = ready!(self.stream.poll_read_buf(cx, &mut self.buf, READ_CHUNK))?;
+        if n > 0 {
+            self.received = true;
         }
+        Poll::Ready(Ok(n))
     }
 
     fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<()>, Error>> {
@@ -882,6 +880,7 @@ mod tests {
             PoolSettings {
                 protocol: UpstreamProtocol::Http1,
                 connect_timeout: Duration::from_secs(1),
+                tls: None,
             },
             Arc::new(HostStats::default()),
             Arc::new(ClusterStats::default()),
@@ -934,7 +933,7 @@ mod tests {
         let address = upstream(response.to_vec(), piece, close).await;
         let p = pool(address);
         let stream = TcpStream::connect(address).await.expect("connect");
-        let conn = Conn::new(stream, p.connection_guard());
+        let conn = Conn::new(stream, p.connection_guard(p.force_connection()));
         let (mut parts, ()) = Request::builder()
             .method(method)
             .uri("/x")
@@ -1227,7 +1226,7 @@ mod tests {
         });
         let p = pool(address);
         let stream = TcpStream::connect(address).await.expect("connect");
-        let conn = Conn::new(stream, p.connection_guard());
+        let conn = Conn::new(stream, p.connection_guard(p.force_connection()));
         let (mut parts, ()) = Request::post("/upload")
             .header("host", "example")
             .body(())

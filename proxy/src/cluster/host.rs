@@ -2,13 +2,15 @@
 //!
 //! A [`HostSet`] is an immutable snapshot; the cluster swaps in a new one when DNS or EDS
 //! changes membership, reusing the `Host` (and so its pooled connections) of every address
-//! that stays. It must not decide which host serves a request (that is `lb`).
+//! that stays; the snapshot also holds its priority levels and the load balancer built over
+//! them ([`lb::Balancer`]). It must not decide which host serves a request (that is `lb`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 
 use super::ClusterStats;
+use super::lb::{self, Balancer, LbContext, LbParams};
 use super::pool::{Pool, PoolSettings};
 use crate::config::cluster::{HealthStatus, Locality};
 use crate::stats::{Counter, Gauge};
@@ -40,7 +42,9 @@ pub mod flags {
     pub const FAILED_ACTIVE_HC: u32 = 1;
     /// Ejected by outlier detection.
     pub const FAILED_OUTLIER_CHECK: u32 = 1 << 1;
-    /// Added while health checking is configured and not checked yet.
+    /// Not checked yet. Envoy sets it only with `ignore_new_hosts_until_first_hc`, which the
+    /// proxy does not implement, so today it is only ever cleared (new hosts start with
+    /// `FAILED_ACTIVE_HC` alone, as in Envoy).
     pub const PENDING_ACTIVE_HC: u32 = 1 << 2;
     /// The flags that take a host out of rotation.
     pub const UNROUTABLE: u32 = FAILED_ACTIVE_HC | FAILED_OUTLIER_CHECK;
@@ -53,6 +57,12 @@ pub struct Host {
     pub locality: Locality,
     health: AtomicU8,
     flags: AtomicU32,
+    /// `load_balancing_weight` (1 when unset).
+    weight: AtomicU32,
+    /// The `LocalityLbEndpoints.priority` it was assigned with.
+    priority: AtomicU32,
+    /// Its locality's `load_balancing_weight` (0 when unset).
+    locality_weight: AtomicU32,
     pub stats: Arc<HostStats>,
     pub pool: Arc<Pool>,
 }
@@ -67,12 +77,16 @@ impl Host {
         cluster_stats: Arc<ClusterStats>,
     ) -> Self {
         let stats = Arc::new(HostStats::default());
+        let locality_weight = AtomicU32::new(locality.weight);
         Self {
             address,
             hostname,
             locality,
             health: AtomicU8::new(encode(health)),
             flags: AtomicU32::new(0),
+            weight: AtomicU32::new(1),
+            priority: AtomicU32::new(0),
+            locality_weight,
             pool: Arc::new(Pool::new(address, settings, stats.clone(), cluster_stats)),
             stats,
         }
@@ -84,6 +98,33 @@ impl Host {
 
     pub fn set_health(&self, h: HealthStatus) {
         self.health.store(encode(h), Ordering::Relaxed);
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Sets the weight (at least 1); the owner rebuilds the host set afterwards.
+    pub fn set_weight(&self, w: u32) {
+        self.weight.store(w.max(1), Ordering::Relaxed);
+    }
+
+    pub fn priority(&self) -> u32 {
+        self.priority.load(Ordering::Relaxed)
+    }
+
+    /// Sets the priority level; the owner rebuilds the host set afterwards.
+    pub fn set_priority(&self, p: u32) {
+        self.priority.store(p, Ordering::Relaxed);
+    }
+
+    pub fn locality_weight(&self) -> u32 {
+        self.locality_weight.load(Ordering::Relaxed)
+    }
+
+    /// Sets the locality weight; the owner rebuilds the host set afterwards.
+    pub fn set_locality_weight(&self, w: u32) {
+        self.locality_weight.store(w, Ordering::Relaxed);
     }
 
     /// The [`flags`] set now.
@@ -137,32 +178,74 @@ fn decode(v: u8) -> HealthStatus {
 }
 
 /// An immutable membership snapshot.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct HostSet {
+    /// Every host, in assignment order.
     pub hosts: Vec<Arc<Host>>,
+    /// The routable ones ([`Host::is_routable`]).
     pub healthy: Vec<Arc<Host>>,
+    /// Per priority level (index = priority): all hosts, routable hosts.
+    pub priorities: Vec<lb::LevelHosts>,
+    params: LbParams,
+    balancer: Balancer,
 }
 
-/// Envoy's default `healthy_panic_threshold`: below 50% healthy hosts, balance over all.
-pub const HEALTHY_PANIC_THRESHOLD_PERCENT: usize = 50;
+impl Default for HostSet {
+    fn default() -> Self {
+        Self::with_params(Vec::new(), LbParams::default())
+    }
+}
 
 impl HostSet {
+    /// A snapshot balanced with the default parameters (round robin).
     pub fn new(hosts: Vec<Arc<Host>>) -> Self {
-        let healthy = hosts.iter().filter(|h| h.is_routable()).cloned().collect();
-        Self { hosts, healthy }
+        Self::with_params(hosts, LbParams::default())
     }
 
-    /// The hosts to balance over, and whether the cluster is in panic mode (too few healthy
-    /// hosts, so Envoy routes to all of them).
-    pub fn routable(&self) -> (&[Arc<Host>], bool) {
-        if self.hosts.is_empty() {
-            return (&[], false);
+    /// A snapshot over `hosts`, split into priority levels by [`Host::priority`], with its
+    /// load balancer built for `params`.
+    pub fn with_params(hosts: Vec<Arc<Host>>, params: LbParams) -> Self {
+        let healthy: Vec<Arc<Host>> = hosts.iter().filter(|h| h.is_routable()).cloned().collect();
+        let levels = hosts
+            .iter()
+            .map(|h| h.priority() as usize + 1)
+            .max()
+            .unwrap_or(0);
+        let mut priorities = vec![(Vec::new(), Vec::new()); levels];
+        for h in &hosts {
+            let level = &mut priorities[h.priority() as usize];
+            level.0.push(h.clone());
+            if h.is_routable() {
+                level.1.push(h.clone());
+            }
         }
-        if self.healthy.len() * 100 < self.hosts.len() * HEALTHY_PANIC_THRESHOLD_PERCENT {
-            (&self.hosts, true)
-        } else {
-            (&self.healthy, false)
+        let balancer = Balancer::new(&priorities, params);
+        Self {
+            hosts,
+            healthy,
+            priorities,
+            params,
+            balancer,
         }
+    }
+
+    /// The same hosts, re-read (health, flags, weights): a new snapshot.
+    pub fn rebuild(&self) -> Self {
+        Self::with_params(self.hosts.clone(), self.params)
+    }
+
+    pub fn params(&self) -> &LbParams {
+        &self.params
+    }
+
+    /// Per priority level: the percentage of requests it gets and whether it is in panic.
+    pub fn priority_load(&self) -> &lb::PriorityLoad {
+        &self.balancer.load
+    }
+
+    /// Picks a host; see [`Balancer::choose`].
+    pub fn choose(&self, ctx: &LbContext) -> lb::Pick {
+        self.balancer.choose(ctx)
     }
 }
 
@@ -181,9 +264,21 @@ mod tests {
             PoolSettings {
                 protocol: UpstreamProtocol::Http1,
                 connect_timeout: Duration::from_secs(1),
+                tls: None,
             },
             Arc::new(ClusterStats::default()),
         ))
+    }
+
+    fn picks(set: &HostSet) -> (std::collections::BTreeSet<SocketAddr>, bool) {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut panic = false;
+        for _ in 0..200 {
+            let p = set.choose(&LbContext::default());
+            panic |= p.panic;
+            seen.extend(p.host.map(|h| h.address));
+        }
+        (seen, panic)
     }
 
     #[test]
@@ -193,7 +288,7 @@ mod tests {
             host("10.0.0.2:80", HealthStatus::Unknown),
             host("10.0.0.3:80", HealthStatus::Unhealthy),
         ]);
-        let (hosts, panic) = set.routable();
+        let (hosts, panic) = picks(&set);
         assert_eq!(hosts.len(), 2);
         assert!(!panic);
 
@@ -202,11 +297,29 @@ mod tests {
             host("10.0.0.2:80", HealthStatus::Draining),
             host("10.0.0.3:80", HealthStatus::Unhealthy),
         ]);
-        let (hosts, panic) = set.routable();
+        let (hosts, panic) = picks(&set);
         assert_eq!(hosts.len(), 3, "below 50% healthy: all hosts");
         assert!(panic);
 
-        assert!(HostSet::default().routable().0.is_empty());
+        assert!(picks(&HostSet::default()).0.is_empty());
+    }
+
+    #[test]
+    fn priorities_split_the_hosts_and_rebuild_rereads_them() {
+        let a = host("10.0.0.1:80", HealthStatus::Healthy);
+        let b = host("10.0.0.2:80", HealthStatus::Healthy);
+        b.set_priority(2);
+        let set = HostSet::new(vec![a.clone(), b.clone()]);
+        assert_eq!(set.priorities.len(), 3);
+        assert!(set.priorities[1].0.is_empty());
+        assert_eq!(set.priority_load().load, vec![100, 0, 0]);
+        a.set_health(HealthStatus::Unhealthy);
+        let set = set.rebuild();
+        assert_eq!(set.priority_load().load, vec![0, 0, 100]);
+        assert_eq!(
+            picks(&set).0.into_iter().collect::<Vec<_>>(),
+            vec![b.address]
+        );
     }
 
     #[test]

@@ -8,15 +8,21 @@
 //! Initialization follows Envoy: each cluster registers an init target in the phase its type
 //! belongs to — STATIC, STRICT_DNS and LOGICAL_DNS in the primary phase (DNS resolved once),
 //! EDS in the secondary phase (first assignment or `initial_fetch_timeout`) — plus one target in
-//! the health-check phase (ready at once: active health checking is not implemented yet).
+//! the health-check phase, ready once the cluster's first round of active health checks is over
+//! (at once without `health_checks`; see [`health_check`]).
 //! This module must not know about listeners or HTTP routing.
 
 pub mod cds;
+pub mod circuit_breaker;
 pub mod dns;
 pub mod h1;
+pub mod hash;
+pub mod health_check;
 pub mod host;
 pub mod lb;
+pub mod outlier;
 pub mod pool;
+pub mod stream;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,7 +34,8 @@ use crate::config::cluster::{self as model, Discovery, EndpointAddress, HealthSt
 use crate::init;
 use crate::stats::{CodeStats, Counter, Gauge, Sample, Scope, Source, Store};
 use host::{Host, HostSet};
-use lb::LoadBalancer;
+pub use lb::LbContext;
+use lb::LbParams;
 use pool::PoolSettings;
 
 /// Envoy's `cluster.<name>.*` stats for what the proxy implements.
@@ -54,6 +61,16 @@ pub struct ClusterStats {
     pub update_attempt: Counter,
     pub update_success: Counter,
     pub update_failure: Counter,
+    pub upstream_rq_pending_overflow: Counter,
+    /// `max_requests` reached when a request would start (Envoy 1.38+).
+    pub upstream_rq_active_overflow: Counter,
+    pub upstream_cx_overflow: Counter,
+    pub upstream_cx_idle_timeout: Counter,
+    pub upstream_cx_max_requests: Counter,
+    pub upstream_cx_max_duration_reached: Counter,
+    /// The cluster's circuit breakers and pool settings, set once when the cluster is built;
+    /// every host's pool reaches them through these stats (Envoy's `ClusterInfo`).
+    pub shared: std::sync::OnceLock<Arc<pool::Shared>>,
 }
 
 impl Default for ClusterStats {
@@ -79,6 +96,13 @@ impl Default for ClusterStats {
             update_attempt: Counter::default(),
             update_success: Counter::default(),
             update_failure: Counter::default(),
+            upstream_rq_pending_overflow: Counter::default(),
+            upstream_rq_active_overflow: Counter::default(),
+            upstream_cx_overflow: Counter::default(),
+            upstream_cx_idle_timeout: Counter::default(),
+            upstream_cx_max_requests: Counter::default(),
+            upstream_cx_max_duration_reached: Counter::default(),
+            shared: std::sync::OnceLock::new(),
         }
     }
 }
@@ -96,19 +120,27 @@ pub struct ResolvedEndpoint {
     pub hostname: String,
     pub locality: Locality,
     pub health: HealthStatus,
+    /// `load_balancing_weight` (1 when unset).
+    pub weight: u32,
+    /// `LocalityLbEndpoints.priority`.
+    pub priority: u32,
 }
 
 /// A running cluster.
 pub struct Cluster {
     config: Arc<model::Cluster>,
     hosts: ArcSwap<HostSet>,
-    lb: LoadBalancer,
+    lb: LbParams,
     stats: Arc<ClusterStats>,
     settings: PoolSettings,
     added_via_api: bool,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     /// Serializes host-set writers (discovery, health); readers never take it.
     membership: Mutex<()>,
+    /// Outlier detection, when configured.
+    outlier: Option<Arc<outlier::Detector>>,
+    /// Active health checking, when configured (`health_check`).
+    health_checker: Option<Arc<health_check::HealthChecker>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -133,17 +165,36 @@ impl Cluster {
         let settings = PoolSettings {
             protocol: config.protocol,
             connect_timeout: config.connect_timeout,
+            tls: config.tls.clone(),
         };
         let cluster = Arc::new(Self {
-            lb: LoadBalancer::new(config.lb_policy),
+            lb: LbParams {
+                policy: config.lb_policy,
+                healthy_panic_threshold: config.lb_settings.healthy_panic_threshold,
+                overprovisioning_factor: config.lb_settings.overprovisioning_factor,
+                locality_weighted: config.lb_settings.locality_weighted,
+            },
             hosts: ArcSwap::from_pointee(HostSet::default()),
             stats: Arc::new(ClusterStats::default()),
             settings,
             added_via_api,
             tasks: Mutex::new(Vec::new()),
             membership: Mutex::new(()),
+            outlier: config.outlier_detection.clone().map(outlier::Detector::new),
+            health_checker: config
+                .health_checks
+                .first()
+                .map(|hc| Arc::new(health_check::HealthChecker::new(hc.clone(), &config.name))),
             config,
         });
+        let _ = cluster.stats.shared.set(Arc::new(pool::Shared {
+            breakers: circuit_breaker::Breakers::new(&cluster.config.circuit_breakers),
+            options: cluster.config.pool,
+            idle: Default::default(),
+        }));
+        cluster.start_outlier_detection();
+        cluster.start_idle_sweeper();
+        cluster.start_health_checking();
         if cluster.config.discovery == Discovery::Static {
             let endpoints: Vec<ResolvedEndpoint> = cluster
                 .config
@@ -155,6 +206,8 @@ impl Cluster {
                         hostname: e.hostname.clone(),
                         locality: e.locality.clone(),
                         health: e.health,
+                        weight: e.weight,
+                        priority: e.priority,
                     }),
                     EndpointAddress::Dns { .. } => None,
                 })
@@ -180,20 +233,94 @@ impl Cluster {
         self.added_via_api
     }
 
+    /// The cluster's outlier detector, if it has one.
+    pub fn outlier(&self) -> Option<&Arc<outlier::Detector>> {
+        self.outlier.as_ref()
+    }
+
+    /// Reports what happened to a request or connection on `host` to outlier detection.
+    pub fn report_outcome(&self, host: &Arc<Host>, outcome: outlier::Outcome) {
+        if let Some(d) = &self.outlier {
+            d.report(self, host, outcome);
+        }
+    }
+
+    /// The cluster's circuit breakers.
+    pub fn breakers(&self) -> Option<&circuit_breaker::Breakers> {
+        self.stats.shared.get().map(|s| &s.breakers)
+    }
+
+    /// One interval timer per cluster with outlier detection (needs a runtime; clusters built
+    /// outside one, in unit tests, run no timer).
+    fn start_outlier_detection(self: &Arc<Self>) {
+        let Some(d) = &self.outlier else { return };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let task = rt.spawn(outlier::run(d.clone(), Arc::downgrade(self)));
+        lock(&self.tasks).push(task.abort_handle());
+    }
+
+    /// The cluster's idle-connection timer (`idle_timeout`, `max_connection_duration`).
+    fn start_idle_sweeper(self: &Arc<Self>) {
+        let (Some(shared), Ok(rt)) = (
+            self.stats.shared.get(),
+            tokio::runtime::Handle::try_current(),
+        ) else {
+            return;
+        };
+        let task = rt.spawn(pool::sweeper(Arc::downgrade(self), shared.clone()));
+        lock(&self.tasks).push(task.abort_handle());
+    }
+
+    /// The cluster's active health checker, when `health_checks` is configured.
+    pub fn health_checker(&self) -> Option<&Arc<health_check::HealthChecker>> {
+        self.health_checker.as_ref()
+    }
+
+    /// One health-check task per cluster with `health_checks` (needs a runtime, as above).
+    fn start_health_checking(self: &Arc<Self>) {
+        let Some(hc) = &self.health_checker else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let task = rt.spawn(health_check::run(Arc::downgrade(self), hc.clone()));
+        lock(&self.tasks).push(task.abort_handle());
+    }
+
+    /// The cluster's own discovery finished (Envoy's `onInitDone`): the health-check round
+    /// over the hosts it has now begins.
+    fn begin_health_check_round(&self) {
+        if let Some(hc) = &self.health_checker {
+            hc.begin_round(&self.hosts.load().hosts);
+        }
+    }
+
+    /// The health-check init target: ready once the first round is over (at once without
+    /// health checks).
+    pub fn health_check_round(&self, ready: init::TargetHandle) {
+        match &self.health_checker {
+            Some(hc) => hc.wait_round(ready),
+            None => ready.ready(),
+        }
+    }
+
     /// The current membership snapshot.
     pub fn host_set(&self) -> Arc<HostSet> {
         self.hosts.load_full()
     }
 
-    /// Picks a host for one request; `None` means "no healthy upstream".
-    pub fn choose_host(&self) -> Option<Arc<Host>> {
-        let set = self.hosts.load();
-        let (candidates, panic) = set.routable();
-        if panic {
+    /// Picks a host for one request (`ctx` carries the route's hash for ring hash and
+    /// Maglev); `None` means "no healthy upstream".
+    pub fn choose_host(&self, ctx: &LbContext) -> Option<Arc<Host>> {
+        let pick = self.hosts.load().choose(ctx);
+        if pick.panic {
             self.stats.lb_healthy_panic.inc();
         }
-        match self.lb.choose(candidates) {
-            Some(h) => Some(h.clone()),
+        match pick.host {
+            Some(h) => Some(h),
             None => {
                 self.stats.upstream_cx_none_healthy.inc();
                 None
@@ -205,8 +332,8 @@ impl Cluster {
     /// health checking, outlier detection); the request path sees the new set atomically.
     pub fn refresh_health(&self) {
         let _writer = lock(&self.membership);
-        let hosts = self.hosts.load().hosts.clone();
-        self.hosts.store(Arc::new(HostSet::new(hosts)));
+        let next = self.hosts.load().rebuild();
+        self.hosts.store(Arc::new(next));
     }
 
     /// Replaces the membership, keeping the `Host` (and its connections) of every address
@@ -225,19 +352,35 @@ impl Cluster {
             match by_address.get(&e.address) {
                 Some(h) => {
                     h.set_health(e.health);
+                    h.set_weight(e.weight);
+                    h.set_priority(e.priority);
+                    h.set_locality_weight(e.locality.weight);
                     hosts.push(Arc::clone(h));
                 }
-                None => hosts.push(Arc::new(Host::new(
-                    e.address,
-                    e.hostname.clone(),
-                    e.locality.clone(),
-                    e.health,
-                    self.settings,
-                    self.stats.clone(),
-                ))),
+                None => {
+                    let h = Host::new(
+                        e.address,
+                        e.hostname.clone(),
+                        e.locality.clone(),
+                        e.health,
+                        self.settings.clone(),
+                        self.stats.clone(),
+                    );
+                    h.set_weight(e.weight);
+                    h.set_priority(e.priority);
+                    if self.health_checker.is_some() {
+                        // Envoy: hosts of a health-checked cluster start failed until checked.
+                        h.set_flags(host::flags::FAILED_ACTIVE_HC, true);
+                    }
+                    hosts.push(Arc::new(h));
+                }
             }
         }
-        self.hosts.store(Arc::new(HostSet::new(hosts)));
+        self.hosts
+            .store(Arc::new(HostSet::with_params(hosts, self.lb)));
+        if let Some(hc) = &self.health_checker {
+            hc.hosts_changed();
+        }
     }
 
     /// Starts this cluster's initialization; `ready` is reported once it has its first hosts
@@ -248,7 +391,10 @@ impl Cluster {
         eds: Option<Arc<dyn cds::EdsSource>>,
     ) {
         match &self.config.discovery {
-            Discovery::Static => ready.ready(),
+            Discovery::Static => {
+                self.begin_health_check_round();
+                ready.ready();
+            }
             Discovery::StrictDns | Discovery::LogicalDns => {
                 let task = tokio::spawn(dns_refresh(Arc::downgrade(self), ready));
                 lock(&self.tasks).push(task.abort_handle());
@@ -264,6 +410,7 @@ impl Cluster {
                     service_name.clone()
                 };
                 let timeout = *initial_fetch_timeout;
+                let cluster = Arc::downgrade(self);
                 let task = tokio::spawn(async move {
                     let outcome = match eds {
                         Some(eds) => eds.first_assignment(&service, timeout).await,
@@ -280,6 +427,9 @@ impl Cluster {
                         }
                     };
                     tracing::info!(cluster = %name, ?outcome, "EDS cluster initialized");
+                    if let Some(c) = cluster.upgrade() {
+                        c.begin_health_check_round();
+                    }
                     ready.ready();
                 });
                 lock(&self.tasks).push(task.abort_handle());
@@ -328,11 +478,14 @@ async fn dns_refresh(cluster: Weak<Cluster>, ready: init::TargetHandle) {
                 hostname: e.hostname.clone(),
                 locality: e.locality.clone(),
                 health: e.health,
+                weight: e.weight,
+                priority: e.priority,
             }));
         }
         c.update_hosts(&resolved);
         tracing::debug!(cluster = %c.config.name, hosts = resolved.len(), all_ok, "DNS refresh");
         if let Some(r) = ready.take() {
+            c.begin_health_check_round();
             r.ready();
         }
         drop(c);
@@ -371,6 +524,9 @@ impl Source for Cluster {
         );
         scope.counter("upstream_cx_total", s.upstream_cx_total.get(), out);
         scope.gauge("upstream_cx_active", s.upstream_cx_active.get(), out);
+        if let Some(tls) = &self.config.tls {
+            tls.stats.collect(&scope, out);
+        }
         scope.counter(
             "upstream_cx_connect_fail",
             s.upstream_cx_connect_fail.get(),
@@ -397,6 +553,38 @@ impl Source for Cluster {
             out,
         );
         scope.counter("lb_healthy_panic", s.lb_healthy_panic.get(), out);
+        scope.counter(
+            "upstream_rq_pending_overflow",
+            s.upstream_rq_pending_overflow.get(),
+            out,
+        );
+        scope.counter(
+            "upstream_rq_active_overflow",
+            s.upstream_rq_active_overflow.get(),
+            out,
+        );
+        scope.counter("upstream_cx_overflow", s.upstream_cx_overflow.get(), out);
+        scope.counter(
+            "upstream_cx_idle_timeout",
+            s.upstream_cx_idle_timeout.get(),
+            out,
+        );
+        scope.counter(
+            "upstream_cx_max_requests",
+            s.upstream_cx_max_requests.get(),
+            out,
+        );
+        scope.counter(
+            "upstream_cx_max_duration_reached",
+            s.upstream_cx_max_duration_reached.get(),
+            out,
+        );
+        if let Some(shared) = s.shared.get() {
+            shared.breakers.collect(&scope, out);
+        }
+        if let Some(d) = &self.outlier {
+            d.collect(self, &scope, out);
+        }
         if self.config.discovery != Discovery::Static {
             scope.counter("update_attempt", s.update_attempt.get(), out);
             scope.counter("update_success", s.update_success.get(), out);
@@ -405,6 +593,9 @@ impl Source for Cluster {
         let set = self.hosts.load();
         scope.gauge("membership_total", set.hosts.len() as i64, out);
         scope.gauge("membership_healthy", set.healthy.len() as i64, out);
+        if let Some(hc) = &self.health_checker {
+            hc.collect(&scope, out);
+        }
     }
 }
 
@@ -500,11 +691,11 @@ impl ClusterManager {
                 format!("cluster {} ({})", config.name, config.discovery.name()),
                 move |h| c.initialize(h, eds),
             )?;
-            // No cluster has active health checks yet, so its round is over at once; this is
-            // where the health checker will hold initialization.
+            // Held until the first health-check round is over (at once without health checks).
+            let c = cluster.clone();
             phases.health_check.add_target(
                 format!("cluster {} health check round", config.name),
-                init::TargetHandle::ready,
+                move |h| c.health_check_round(h),
             )?;
             self.cluster_added.inc();
             next.insert(config.name.clone(), cluster);
@@ -568,6 +759,8 @@ mod tests {
             hostname: String::new(),
             health: HealthStatus::Unknown,
             locality: Locality::default(),
+            weight: 1,
+            priority: 0,
         }
     }
 
@@ -584,7 +777,7 @@ mod tests {
             false,
         );
         let picks: Vec<SocketAddr> = (0..4)
-            .filter_map(|_| c.choose_host().map(|h| h.address))
+            .filter_map(|_| c.choose_host(&LbContext::default()).map(|h| h.address))
             .collect();
         assert_eq!(picks.len(), 4);
         assert_ne!(picks[0], picks[1]);
@@ -594,7 +787,7 @@ mod tests {
     #[test]
     fn an_empty_cluster_has_no_healthy_upstream() {
         let c = Cluster::new(Arc::new(config(Discovery::Static, vec![])), false);
-        assert!(c.choose_host().is_none());
+        assert!(c.choose_host(&LbContext::default()).is_none());
         assert_eq!(c.stats().upstream_cx_none_healthy.get(), 1);
     }
 
@@ -606,6 +799,8 @@ mod tests {
             hostname: String::new(),
             locality: Locality::default(),
             health: HealthStatus::Healthy,
+            weight: 1,
+            priority: 0,
         };
         c.update_hosts(&[ep("10.0.0.1:80"), ep("10.0.0.2:80")]);
         let before = c.host_set().hosts[1].clone();
@@ -616,6 +811,42 @@ mod tests {
             Arc::ptr_eq(&before, &after.hosts[0]),
             "10.0.0.2 kept its Host"
         );
+    }
+
+    #[test]
+    fn membership_updates_carry_weights_priorities_and_the_lb_policy() {
+        let mut cfg = config(Discovery::Static, vec![]);
+        cfg.lb_policy = model::LbPolicy::RoundRobin;
+        cfg.lb_settings.healthy_panic_threshold = 0;
+        let c = Cluster::new(Arc::new(cfg), false);
+        let ep = |a: &str, weight: u32, priority: u32| ResolvedEndpoint {
+            address: a.parse().expect("addr"),
+            hostname: String::new(),
+            locality: Locality::default(),
+            health: HealthStatus::Healthy,
+            weight,
+            priority,
+        };
+        c.update_hosts(&[ep("10.0.0.1:80", 1, 0), ep("10.0.0.2:80", 1, 1)]);
+        let set = c.host_set();
+        assert_eq!(set.priorities.len(), 2);
+        assert_eq!(set.priority_load().load, vec![100, 0]);
+        // The same hosts, reweighted and moved: the kept Host takes the new values.
+        c.update_hosts(&[ep("10.0.0.1:80", 3, 1), ep("10.0.0.2:80", 1, 0)]);
+        let set = c.host_set();
+        assert_eq!(set.hosts[0].weight(), 3);
+        assert_eq!(set.hosts[0].priority(), 1);
+        assert_eq!(set.priorities[0].0[0].address, set.hosts[1].address);
+        // Health changes rebuild with the cluster's parameters (panic disabled here).
+        set.hosts[1].set_health(HealthStatus::Unhealthy);
+        c.refresh_health();
+        assert_eq!(c.host_set().params().healthy_panic_threshold, 0);
+        assert_eq!(c.host_set().priority_load().load, vec![0, 100]);
+        let picks: Vec<SocketAddr> = (0..4)
+            .filter_map(|_| c.choose_host(&LbContext::default()).map(|h| h.address))
+            .collect();
+        assert_eq!(picks.len(), 4);
+        assert!(picks.iter().all(|a| a.ip().to_string() == "10.0.0.1"));
     }
 
     #[tokio::test]
@@ -687,6 +918,11 @@ mod tests {
         let start = tokio::time::Instant::now();
         phases.secondary.initialize().wait().await;
         assert_eq!(start.elapsed(), Duration::from_secs(2));
-        assert!(cm.get("c").expect("cluster").choose_host().is_none());
+        assert!(
+            cm.get("c")
+                .expect("cluster")
+                .choose_host(&LbContext::default())
+                .is_none()
+        );
     }
 }

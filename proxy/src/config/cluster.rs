@@ -33,11 +33,24 @@ pub struct Cluster {
     pub discovery: Discovery,
     pub connect_timeout: Duration,
     pub lb_policy: LbPolicy,
+    /// `common_lb_config.healthy_panic_threshold` and the inline load assignment's
+    /// `policy.overprovisioning_factor`.
+    pub lb_settings: LbSettings,
     pub protocol: UpstreamProtocol,
     pub dns_lookup_family: DnsLookupFamily,
     pub dns_refresh_rate: Duration,
     /// The inline `load_assignment` (STATIC, STRICT_DNS, LOGICAL_DNS).
     pub endpoints: Vec<Endpoint>,
+    /// `health_checks`: active health checking (`cluster::health_check`).
+    pub health_checks: Vec<super::health_check::HealthCheck>,
+    /// `circuit_breakers` (Envoy's defaults when absent).
+    pub circuit_breakers: super::circuit_breaker::CircuitBreakers,
+    /// `outlier_detection`: `None` means no detector, as in Envoy.
+    pub outlier_detection: Option<super::outlier::OutlierDetection>,
+    /// Connection pool settings (idle timeout, requests and duration per connection, keepalive).
+    pub pool: super::pool::PoolOptions,
+    /// `transport_socket` `envoy.transport_sockets.tls`: `None` connects in plaintext.
+    pub tls: Option<Arc<super::tls::UpstreamTls>>,
     /// The resource as received, for `/config_dump`.
     pub source: Arc<pb::Cluster>,
 }
@@ -73,14 +86,64 @@ impl Discovery {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum LbPolicy {
+    /// Round robin; weighted (EDF) when host weights differ.
     #[default]
     RoundRobin,
-    /// Uniformly at random.
+    /// Uniformly at random (Envoy's random balancer ignores host weights).
     Random,
-    /// Power of `choice_count` choices (default 2).
-    LeastRequest { choice_count: u32 },
+    /// Power of `choice_count` choices (default 2) when weights are equal; EDF over
+    /// `weight / (active + 1)^active_request_bias` (default bias 1.0) when they differ.
+    LeastRequest {
+        choice_count: u32,
+        active_request_bias: f64,
+    },
+    /// Ketama ring hash over xxHash64 (`ring_hash_lb_config`).
+    RingHash {
+        minimum_ring_size: u64,
+        maximum_ring_size: u64,
+    },
+    /// Maglev (`maglev_lb_config`); `table_size` is prime.
+    Maglev { table_size: u64 },
+}
+
+impl LbPolicy {
+    /// Whether the policy picks by the request's hash (route `hash_policy`).
+    pub fn uses_hash(&self) -> bool {
+        matches!(self, LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. })
+    }
+}
+
+/// Envoy's default `ring_hash_lb_config.minimum_ring_size`.
+pub const DEFAULT_MIN_RING_SIZE: u64 = 1024;
+/// Envoy's default (and largest) `ring_hash_lb_config.maximum_ring_size`.
+pub const DEFAULT_MAX_RING_SIZE: u64 = 8 * 1024 * 1024;
+/// Envoy's largest `maglev_lb_config.table_size`.
+pub const MAX_MAGLEV_TABLE_SIZE: u64 = 5_000_011;
+/// The largest `LocalityLbEndpoints.priority` accepted (Envoy has no limit; each level costs
+/// memory, and meshes use a handful).
+pub const MAX_PRIORITY: u32 = 127;
+
+/// Load-balancing settings besides the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LbSettings {
+    /// Percent; 0 disables panic mode (Envoy's default 50).
+    pub healthy_panic_threshold: u32,
+    /// Percent (Envoy's default 140).
+    pub overprovisioning_factor: u32,
+    /// `common_lb_config.locality_weighted_lb_config` is set.
+    pub locality_weighted: bool,
+}
+
+impl Default for LbSettings {
+    fn default() -> Self {
+        Self {
+            healthy_panic_threshold: 50,
+            overprovisioning_factor: 140,
+            locality_weighted: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -107,6 +170,10 @@ pub struct Endpoint {
     pub hostname: String,
     pub health: HealthStatus,
     pub locality: Locality,
+    /// `load_balancing_weight` (1 when unset).
+    pub weight: u32,
+    /// The `priority` of its `LocalityLbEndpoints`.
+    pub priority: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,6 +227,9 @@ pub struct Locality {
     pub region: String,
     pub zone: String,
     pub sub_zone: String,
+    /// `LocalityLbEndpoints.load_balancing_weight`; 0 when unset (such a locality gets no load
+    /// under locality-weighted balancing, as in Envoy; ignored otherwise).
+    pub weight: u32,
 }
 
 /// Translates one cluster; `path` names it in errors.
@@ -196,6 +266,7 @@ pub fn translate(c: &pb::Cluster, path: &Path, errors: &mut Errors) -> Option<Cl
         None => DEFAULT_DNS_REFRESH_RATE,
     };
     let lb_policy = lb_policy(c, path, errors);
+    let mut lb_settings = lb_settings(c, path, errors);
     let dns_lookup_family = match pb::cluster::DnsLookupFamily::try_from(c.dns_lookup_family) {
         Ok(pb::cluster::DnsLookupFamily::Auto) => DnsLookupFamily::Auto,
         Ok(pb::cluster::DnsLookupFamily::V4Only) => DnsLookupFamily::V4Only,
@@ -210,7 +281,24 @@ pub fn translate(c: &pb::Cluster, path: &Path, errors: &mut Errors) -> Option<Cl
             DnsLookupFamily::Auto
         }
     };
-    let protocol = protocol(c, path, errors);
+    let mut pool = super::pool::PoolOptions::default();
+    let protocol = protocol(c, path, errors, &mut pool);
+    super::pool::cluster_level(c, path, errors, &mut pool);
+    let circuit_breakers = super::circuit_breaker::translate(
+        c.circuit_breakers.as_ref(),
+        &path.field("circuit_breakers"),
+        errors,
+    );
+    let outlier_detection = super::outlier::translate(
+        c.outlier_detection.as_ref(),
+        &path.field("outlier_detection"),
+        errors,
+    );
+    let health_checks =
+        super::health_check::translate(&c.health_checks, &path.field("health_checks"), errors);
+    let tls = c.transport_socket.as_ref().and_then(|ts| {
+        super::tls::upstream_transport_socket(ts, &path.field("transport_socket"), errors)
+    });
 
     let endpoints = match (&discovery, &c.load_assignment) {
         (Some(Discovery::Eds { .. }), Some(_)) => {
@@ -220,7 +308,13 @@ pub fn translate(c: &pb::Cluster, path: &Path, errors: &mut Errors) -> Option<Cl
             );
             Vec::new()
         }
-        (Some(d), Some(la)) => load_assignment(la, d, &path.field("load_assignment"), errors),
+        (Some(d), Some(la)) => {
+            let la_path = path.field("load_assignment");
+            if let Some(f) = overprovisioning_factor(la, &la_path, errors) {
+                lb_settings.overprovisioning_factor = f;
+            }
+            load_assignment(la, d, &la_path, errors)
+        }
         (Some(Discovery::Eds { .. }), None) | (None, _) => Vec::new(),
         (Some(_), None) => Vec::new(),
     };
@@ -241,10 +335,16 @@ pub fn translate(c: &pb::Cluster, path: &Path, errors: &mut Errors) -> Option<Cl
         discovery: discovery?,
         connect_timeout,
         lb_policy,
+        lb_settings,
         protocol,
         dns_lookup_family,
         dns_refresh_rate,
         endpoints,
+        health_checks,
+        circuit_breakers,
+        outlier_detection,
+        pool,
+        tls,
         source: Arc::new(c.clone()),
     })
 }
@@ -294,60 +394,213 @@ fn discovery(c: &pb::Cluster, path: &Path, errors: &mut Errors) -> Option<Discov
 
 fn lb_policy(c: &pb::Cluster, path: &Path, errors: &mut Errors) -> LbPolicy {
     use pb::cluster::LbConfig;
-    let choice_count = match &c.lb_config {
-        Some(LbConfig::LeastRequestLbConfig(cfg)) => cfg.choice_count.map(|v| v.value),
-        _ => None,
-    };
-    match pb::cluster::LbPolicy::try_from(c.lb_policy) {
-        Ok(pb::cluster::LbPolicy::RoundRobin) => {
-            if choice_count.is_some() {
-                errors.push(
-                    &path.field("least_request_lb_config"),
-                    "only valid with lb_policy LEAST_REQUEST",
-                );
-            }
-            LbPolicy::RoundRobin
-        }
-        Ok(pb::cluster::LbPolicy::LeastRequest) => {
-            let choice_count = choice_count.unwrap_or(2);
-            if choice_count < 2 {
-                errors.push(
-                    &path.field("least_request_lb_config").field("choice_count"),
-                    "must be at least 2",
-                );
-            }
-            LbPolicy::LeastRequest { choice_count }
-        }
-        Ok(pb::cluster::LbPolicy::Random) => {
-            if choice_count.is_some() {
-                errors.push(
-                    &path.field("least_request_lb_config"),
-                    "only valid with lb_policy LEAST_REQUEST",
-                );
-            }
-            LbPolicy::Random
-        }
-        Ok(other) => {
-            errors.unsupported_value(
-                &path.field("lb_policy"),
-                other.as_str_name(),
-                &["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"],
-            );
-            LbPolicy::RoundRobin
-        }
+    use pb::cluster::LbPolicy as Pb;
+    let policy = match Pb::try_from(c.lb_policy) {
+        Ok(p) => p,
         Err(_) => {
             errors.push(
                 &path.field("lb_policy"),
                 format!("unknown value {}", c.lb_policy),
+            );
+            return LbPolicy::RoundRobin;
+        }
+    };
+    // A policy's own config with another policy is a mistake Envoy would silently ignore.
+    let (config_field, config_policy) = match &c.lb_config {
+        Some(LbConfig::LeastRequestLbConfig(_)) => ("least_request_lb_config", Pb::LeastRequest),
+        Some(LbConfig::RingHashLbConfig(_)) => ("ring_hash_lb_config", Pb::RingHash),
+        Some(LbConfig::MaglevLbConfig(_)) => ("maglev_lb_config", Pb::Maglev),
+        // Others are reported as unsupported fields by the supported-subset check.
+        _ => ("", policy),
+    };
+    if config_policy != policy {
+        errors.push(
+            &path.field(config_field),
+            format!("only valid with lb_policy {}", config_policy.as_str_name()),
+        );
+    }
+    match policy {
+        Pb::RoundRobin => LbPolicy::RoundRobin,
+        Pb::Random => LbPolicy::Random,
+        Pb::LeastRequest => {
+            let cfg = match &c.lb_config {
+                Some(LbConfig::LeastRequestLbConfig(cfg)) => Some(cfg),
+                _ => None,
+            };
+            let cfg_path = path.field("least_request_lb_config");
+            let choice_count = cfg
+                .and_then(|c| c.choice_count)
+                .map(|v| v.value)
+                .unwrap_or(2);
+            if choice_count < 2 {
+                errors.push(&cfg_path.field("choice_count"), "must be at least 2");
+            }
+            let mut active_request_bias = cfg
+                .and_then(|c| c.active_request_bias.as_ref())
+                .map(|b| b.default_value)
+                .unwrap_or(1.0);
+            if !(active_request_bias >= 0.0 && active_request_bias.is_finite()) {
+                // Envoy logs this and falls back to 1.0.
+                tracing::warn!(
+                    bias = active_request_bias,
+                    "invalid least_request_lb_config.active_request_bias; using 1.0"
+                );
+                active_request_bias = 1.0;
+            }
+            LbPolicy::LeastRequest {
+                choice_count,
+                active_request_bias,
+            }
+        }
+        Pb::RingHash => {
+            let cfg = match &c.lb_config {
+                Some(LbConfig::RingHashLbConfig(cfg)) => Some(cfg),
+                _ => None,
+            };
+            let cfg_path = path.field("ring_hash_lb_config");
+            let min = cfg
+                .and_then(|c| c.minimum_ring_size)
+                .map(|v| v.value)
+                .unwrap_or(DEFAULT_MIN_RING_SIZE);
+            let max = cfg
+                .and_then(|c| c.maximum_ring_size)
+                .map(|v| v.value)
+                .unwrap_or(DEFAULT_MAX_RING_SIZE);
+            if min == 0 || min > DEFAULT_MAX_RING_SIZE {
+                errors.push(
+                    &cfg_path.field("minimum_ring_size"),
+                    format!("must be between 1 and {DEFAULT_MAX_RING_SIZE}"),
+                );
+            }
+            if max == 0 || max > DEFAULT_MAX_RING_SIZE {
+                errors.push(
+                    &cfg_path.field("maximum_ring_size"),
+                    format!("must be between 1 and {DEFAULT_MAX_RING_SIZE}"),
+                );
+            }
+            if min > max {
+                errors.push(
+                    &cfg_path,
+                    format!("minimum_ring_size ({min}) > maximum_ring_size ({max})"),
+                );
+            }
+            if let Some(cfg) = cfg {
+                use pb::cluster::ring_hash_lb_config::HashFunction;
+                match HashFunction::try_from(cfg.hash_function) {
+                    Ok(HashFunction::XxHash) => {}
+                    Ok(other) => errors.unsupported_value(
+                        &cfg_path.field("hash_function"),
+                        other.as_str_name(),
+                        &["XX_HASH"],
+                    ),
+                    Err(_) => errors.push(
+                        &cfg_path.field("hash_function"),
+                        format!("unknown value {}", cfg.hash_function),
+                    ),
+                }
+            }
+            LbPolicy::RingHash {
+                minimum_ring_size: min,
+                maximum_ring_size: max,
+            }
+        }
+        Pb::Maglev => {
+            let table_size = match &c.lb_config {
+                Some(LbConfig::MaglevLbConfig(cfg)) => cfg.table_size.map(|v| v.value),
+                _ => None,
+            }
+            .unwrap_or(crate::cluster::hash::DEFAULT_MAGLEV_TABLE_SIZE);
+            let size_path = path.field("maglev_lb_config").field("table_size");
+            if table_size > MAX_MAGLEV_TABLE_SIZE {
+                errors.push(
+                    &size_path,
+                    format!("must be at most {MAX_MAGLEV_TABLE_SIZE}"),
+                );
+            } else if !crate::cluster::hash::is_prime(table_size) {
+                errors.push(
+                    &size_path,
+                    "the table size of maglev must be a prime number",
+                );
+            }
+            LbPolicy::Maglev { table_size }
+        }
+        other => {
+            errors.unsupported_value(
+                &path.field("lb_policy"),
+                other.as_str_name(),
+                &[
+                    "ROUND_ROBIN",
+                    "LEAST_REQUEST",
+                    "RANDOM",
+                    "RING_HASH",
+                    "MAGLEV",
+                ],
             );
             LbPolicy::RoundRobin
         }
     }
 }
 
+/// `common_lb_config` (only `healthy_panic_threshold`; the rest is rejected by the
+/// supported-subset check).
+fn lb_settings(c: &pb::Cluster, path: &Path, errors: &mut Errors) -> LbSettings {
+    let mut settings = LbSettings {
+        locality_weighted: c
+            .common_lb_config
+            .as_ref()
+            .is_some_and(|c| {
+                matches!(
+                    c.locality_config_specifier,
+                    Some(pb::cluster::common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(_))
+                )
+            }),
+        ..LbSettings::default()
+    };
+    if let Some(t) = c
+        .common_lb_config
+        .as_ref()
+        .and_then(|c| c.healthy_panic_threshold.as_ref())
+    {
+        if (0.0..=100.0).contains(&t.value) {
+            settings.healthy_panic_threshold = t.value.round() as u32;
+        } else {
+            errors.push(
+                &path
+                    .field("common_lb_config")
+                    .field("healthy_panic_threshold")
+                    .field("value"),
+                "must be between 0 and 100",
+            );
+        }
+    }
+    settings
+}
+
+/// `ClusterLoadAssignment.policy.overprovisioning_factor`, if set.
+pub fn overprovisioning_factor(
+    la: &endpoint::ClusterLoadAssignment,
+    path: &Path,
+    errors: &mut Errors,
+) -> Option<u32> {
+    let f = la.policy.as_ref()?.overprovisioning_factor?.value;
+    if f == 0 {
+        errors.push(
+            &path.field("policy").field("overprovisioning_factor"),
+            "must be greater than 0",
+        );
+        return None;
+    }
+    Some(f)
+}
+
 /// `typed_extension_protocol_options`: only `HttpProtocolOptions` with an explicit HTTP/1.1 or
 /// HTTP/2 choice.
-fn protocol(c: &pb::Cluster, path: &Path, errors: &mut Errors) -> UpstreamProtocol {
+fn protocol(
+    c: &pb::Cluster,
+    path: &Path,
+    errors: &mut Errors,
+    pool: &mut super::pool::PoolOptions,
+) -> UpstreamProtocol {
     let options_path = path.field("typed_extension_protocol_options");
     let mut protocol = UpstreamProtocol::Http1;
     let mut keys: Vec<&String> = c.typed_extension_protocol_options.keys().collect();
@@ -369,6 +622,14 @@ fn protocol(c: &pb::Cluster, path: &Path, errors: &mut Errors) -> UpstreamProtoc
                 continue;
             }
         };
+        if let Some(common) = &options.common_http_protocol_options {
+            super::pool::common_http(
+                common,
+                &entry_path.field("common_http_protocol_options"),
+                errors,
+                pool,
+            );
+        }
         // Other choices are rejected field by field by the supported-subset check.
         if let Some(UpstreamProtocolOptions::ExplicitHttpConfig(explicit)) =
             options.upstream_protocol_options
@@ -394,16 +655,24 @@ pub fn load_assignment(
     path: &Path,
     errors: &mut Errors,
 ) -> Vec<Endpoint> {
-    let mut out = Vec::new();
+    let mut out: Vec<Endpoint> = Vec::new();
     for (i, locality_endpoints) in la.endpoints.iter().enumerate() {
         let lpath = path.field("endpoints").index(i);
-        if locality_endpoints.priority != 0 {
-            errors.unsupported_value(
+        let priority = locality_endpoints.priority;
+        if priority > MAX_PRIORITY {
+            errors.push(
                 &lpath.field("priority"),
-                locality_endpoints.priority,
-                &["0"],
+                format!("{priority} is above the largest supported priority {MAX_PRIORITY}"),
             );
         }
+        let weight = match locality_endpoints.load_balancing_weight {
+            Some(w) if w.value == 0 => {
+                errors.push(&lpath.field("load_balancing_weight"), "must be at least 1");
+                0
+            }
+            Some(w) => w.value,
+            None => 0,
+        };
         let locality = locality_endpoints
             .locality
             .as_ref()
@@ -411,16 +680,36 @@ pub fn load_assignment(
                 region: l.region.clone(),
                 zone: l.zone.clone(),
                 sub_zone: l.sub_zone.clone(),
+                weight,
             })
-            .unwrap_or_default();
+            .unwrap_or(Locality {
+                weight,
+                ..Locality::default()
+            });
         for (j, lb) in locality_endpoints.lb_endpoints.iter().enumerate() {
             let epath = lpath.field("lb_endpoints").index(j);
             if let Some(e) = lb_endpoint(lb, discovery, &epath, errors) {
                 out.push(Endpoint {
                     locality: locality.clone(),
+                    priority,
                     ..e
                 });
             }
+        }
+    }
+    let mut sums = std::collections::BTreeMap::<u32, u64>::new();
+    for e in &out {
+        *sums.entry(e.priority).or_default() += u64::from(e.weight);
+    }
+    for (priority, sum) in sums {
+        if sum > u64::from(u32::MAX) {
+            errors.push(
+                &path.field("endpoints"),
+                format!(
+                    "the load_balancing_weight of the endpoints of priority {priority} sum to {sum}, above {}",
+                    u32::MAX
+                ),
+            );
         }
     }
     out
@@ -434,14 +723,25 @@ pub fn lb_endpoint(
     errors: &mut Errors,
 ) -> Option<Endpoint> {
     use endpoint::lb_endpoint::HostIdentifier;
-    if let Some(w) = lb.load_balancing_weight
-        && w.value != 1
+    let weight = lb.load_balancing_weight.map(|w| w.value).unwrap_or(1);
+    // Envoy places such a host on the ring / Maglev table by this key instead of its address.
+    if lb
+        .metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get("envoy.lb"))
+        .is_some_and(|s| s.fields.contains_key("hash_key"))
     {
-        errors.unsupported_value(
-            &path.field("load_balancing_weight"),
-            w.value,
-            &["1 (weighted hosts are not implemented yet)"],
+        errors.push(
+            &path
+                .field("metadata")
+                .field("filter_metadata")
+                .key("envoy.lb")
+                .field("hash_key"),
+            "unsupported field (hash keys from endpoint metadata are not implemented yet)",
         );
+    }
+    if weight == 0 {
+        errors.push(&path.field("load_balancing_weight"), "must be at least 1");
     }
     let health = match core::HealthStatus::try_from(lb.health_status) {
         Ok(core::HealthStatus::Unknown) => HealthStatus::Unknown,
@@ -506,6 +806,8 @@ pub fn lb_endpoint(
         hostname: endpoint.hostname.clone(),
         health,
         locality: Locality::default(),
+        weight: weight.max(1),
+        priority: 0,
     })
 }
 
@@ -638,7 +940,13 @@ load_assignment:
         )
         .expect("valid");
         assert_eq!(c.protocol, UpstreamProtocol::Http2);
-        assert_eq!(c.lb_policy, LbPolicy::LeastRequest { choice_count: 3 });
+        assert_eq!(
+            c.lb_policy,
+            LbPolicy::LeastRequest {
+                choice_count: 3,
+                active_request_bias: 1.0
+            }
+        );
         assert_eq!(c.connect_timeout, Duration::from_millis(250));
         assert_eq!(c.dns_lookup_family, DnsLookupFamily::V4Only);
         assert_eq!(
@@ -678,9 +986,9 @@ eds_cluster_config:
             r#"
 name: bad
 type: ORIGINAL_DST
-lb_policy: MAGLEV
+lb_policy: CLUSTER_PROVIDED
 connect_timeout: 0s
-circuit_breakers: {}
+circuit_breakers: { per_host_thresholds: [{}] }
 typed_extension_protocol_options:
   envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
     "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
@@ -689,11 +997,11 @@ typed_extension_protocol_options:
         )
         .expect_err("invalid");
         let expected = [
-            "cluster.circuit_breakers: unsupported field (circuit breakers are not implemented yet)",
+            "cluster.circuit_breakers.per_host_thresholds: unsupported field (per-host circuit breakers are not implemented yet)",
             "cluster.typed_extension_protocol_options[\"envoy.extensions.upstreams.http.v3.HttpProtocolOptions\"].explicit_http_config.http2_protocol_options.max_concurrent_streams: unsupported field",
             "cluster.type: unsupported value ORIGINAL_DST (supported: STATIC, STRICT_DNS, LOGICAL_DNS, EDS)",
             "cluster.connect_timeout: must be a positive duration",
-            "cluster.lb_policy: unsupported value MAGLEV (supported: ROUND_ROBIN, LEAST_REQUEST, RANDOM)",
+            "cluster.lb_policy: unsupported value CLUSTER_PROVIDED (supported: ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV)",
         ];
         for e in expected {
             assert!(errs.iter().any(|x| x == e), "missing {e:?} in {errs:#?}");
@@ -736,6 +1044,128 @@ load_assignment:
             vec![
                 "cluster.load_assignment: LOGICAL_DNS clusters must have exactly one locality with exactly one lb_endpoint"
             ]
+        );
+    }
+
+    #[test]
+    fn weights_priorities_and_lb_settings() {
+        let c = cluster(
+            r#"
+name: w
+lb_policy: LEAST_REQUEST
+least_request_lb_config: { active_request_bias: { default_value: 0.5, runtime_key: k } }
+common_lb_config: { healthy_panic_threshold: { value: 0 } }
+load_assignment:
+  policy: { overprovisioning_factor: 100 }
+  endpoints:
+  - lb_endpoints:
+    - endpoint: { address: { socket_address: { address: 10.0.0.1, port_value: 80 } } }
+      load_balancing_weight: 3
+  - priority: 1
+    locality: { zone: z }
+    load_balancing_weight: 5
+    lb_endpoints:
+    - endpoint: { address: { socket_address: { address: 10.0.0.2, port_value: 80 } } }
+"#,
+        )
+        .expect("valid");
+        assert_eq!(
+            c.lb_policy,
+            LbPolicy::LeastRequest {
+                choice_count: 2,
+                active_request_bias: 0.5
+            }
+        );
+        assert_eq!(
+            c.lb_settings,
+            LbSettings {
+                healthy_panic_threshold: 0,
+                overprovisioning_factor: 100,
+                locality_weighted: false,
+            }
+        );
+        assert_eq!((c.endpoints[0].weight, c.endpoints[0].priority), (3, 0));
+        assert_eq!((c.endpoints[1].weight, c.endpoints[1].priority), (1, 1));
+        assert_eq!(
+            (
+                c.endpoints[0].locality.weight,
+                c.endpoints[1].locality.weight
+            ),
+            (0, 5)
+        );
+        assert_eq!(c.endpoints[1].locality.zone, "z");
+        assert!(!c.lb_settings.locality_weighted);
+        let d = cluster("name: d\n").expect("valid");
+        assert_eq!(d.lb_settings, LbSettings::default());
+        assert_eq!(d.lb_settings.healthy_panic_threshold, 50);
+        assert_eq!(d.lb_settings.overprovisioning_factor, 140);
+    }
+
+    #[test]
+    fn ring_hash_and_maglev_settings() {
+        let c = cluster("name: r\nlb_policy: RING_HASH\n").expect("valid");
+        assert_eq!(
+            c.lb_policy,
+            LbPolicy::RingHash {
+                minimum_ring_size: 1024,
+                maximum_ring_size: 8 * 1024 * 1024
+            }
+        );
+        let c = cluster(
+            "name: r\nlb_policy: RING_HASH\nring_hash_lb_config: { minimum_ring_size: 16, maximum_ring_size: 64 }\n",
+        )
+        .expect("valid");
+        assert!(c.lb_policy.uses_hash());
+        let c = cluster("name: m\nlb_policy: MAGLEV\nmaglev_lb_config: { table_size: 251 }\n")
+            .expect("valid");
+        assert_eq!(c.lb_policy, LbPolicy::Maglev { table_size: 251 });
+        let errs = cluster(
+            r#"
+name: bad
+lb_policy: RING_HASH
+ring_hash_lb_config: { minimum_ring_size: 2048, maximum_ring_size: 1024, hash_function: MURMUR_HASH_2 }
+common_lb_config: { healthy_panic_threshold: { value: 150 }, locality_weighted_lb_config: {}, update_merge_window: 1s }
+load_assignment:
+  policy: { overprovisioning_factor: 0 }
+  endpoints:
+  - priority: 200
+    load_balancing_weight: 0
+    lb_endpoints:
+    - endpoint: { address: { socket_address: { address: 10.0.0.1, port_value: 80 } } }
+      load_balancing_weight: 0
+      metadata: { filter_metadata: { envoy.lb: { hash_key: h1 } } }
+"#,
+        )
+        .expect_err("invalid");
+        let expected = [
+            "cluster.common_lb_config.update_merge_window: unsupported field",
+            "cluster.ring_hash_lb_config: minimum_ring_size (2048) > maximum_ring_size (1024)",
+            "cluster.ring_hash_lb_config.hash_function: unsupported value MURMUR_HASH_2 (supported: XX_HASH)",
+            "cluster.common_lb_config.healthy_panic_threshold.value: must be between 0 and 100",
+            "cluster.load_assignment.policy.overprovisioning_factor: must be greater than 0",
+            "cluster.load_assignment.endpoints[0].priority: 200 is above the largest supported priority 127",
+            "cluster.load_assignment.endpoints[0].load_balancing_weight: must be at least 1",
+            "cluster.load_assignment.endpoints[0].lb_endpoints[0].load_balancing_weight: must be at least 1",
+            "cluster.load_assignment.endpoints[0].lb_endpoints[0].metadata.filter_metadata[\"envoy.lb\"].hash_key: unsupported field (hash keys from endpoint metadata are not implemented yet)",
+        ];
+        for e in expected {
+            assert!(errs.iter().any(|x| x == e), "missing {e:?} in {errs:#?}");
+        }
+        assert_eq!(errs.len(), expected.len(), "{errs:#?}");
+        let errs = cluster("name: m\nlb_policy: MAGLEV\nmaglev_lb_config: { table_size: 1000 }\n")
+            .expect_err("not prime");
+        assert_eq!(
+            errs,
+            vec![
+                "cluster.maglev_lb_config.table_size: the table size of maglev must be a prime number"
+            ]
+        );
+        let errs =
+            cluster("name: m\nlb_policy: ROUND_ROBIN\nmaglev_lb_config: { table_size: 251 }\n")
+                .expect_err("wrong policy");
+        assert_eq!(
+            errs,
+            vec!["cluster.maglev_lb_config: only valid with lb_policy MAGLEV"]
         );
     }
 }

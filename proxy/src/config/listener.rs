@@ -34,6 +34,10 @@ pub const ROUTER: &str = "envoy.filters.http.router";
 pub const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
 /// The transport protocol of a connection no listener filter inspected (Envoy's default).
 pub const RAW_BUFFER: &str = "raw_buffer";
+/// The transport protocol the TLS inspector sets for a TLS ClientHello.
+pub const TLS: &str = "tls";
+/// The TLS inspector listener filter's extension name.
+pub const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
 /// Envoy's default TCP proxy `idle_timeout`.
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -47,6 +51,9 @@ pub struct Listener {
     pub filter_chains: Vec<FilterChain>,
     /// The chain of connections no `filter_chains` entry matches (else they are closed).
     pub default_filter_chain: Option<FilterChain>,
+    /// `listener_filters` has `envoy.filters.listener.tls_inspector`: connections are peeked
+    /// for a TLS ClientHello (SNI, ALPN) before a chain is chosen.
+    pub tls_inspector: bool,
     /// The resource as received, for `/config_dump`.
     pub source: Arc<pb::Listener>,
 }
@@ -55,8 +62,13 @@ pub struct Listener {
 pub struct FilterChain {
     pub name: String,
     pub matcher: FilterChainMatch,
-    /// The terminal network filter (the only filter supported in a chain).
+    /// The terminal network filter.
     pub filter: NetworkFilter,
+    /// `envoy.filters.network.local_ratelimit` before the terminal filter: one token per
+    /// connection, or the connection is closed at once.
+    pub connection_rate_limit: Option<Arc<super::local_ratelimit::ConnectionRateLimit>>,
+    /// `transport_socket` `envoy.transport_sockets.tls`: TLS is terminated before the filter.
+    pub tls: Option<Arc<super::tls::DownstreamTls>>,
 }
 
 /// A chain's `filter_chain_match`; empty criteria match everything.
@@ -64,8 +76,12 @@ pub struct FilterChain {
 pub struct FilterChainMatch {
     pub destination_port: Option<u16>,
     pub prefix_ranges: Vec<Cidr>,
-    /// Empty or [`RAW_BUFFER`].
+    /// `server_names`, lower-case: exact names and `*.suffix` wildcards.
+    pub server_names: Vec<String>,
+    /// Empty, [`RAW_BUFFER`] or [`TLS`].
     pub transport_protocol: String,
+    /// `application_protocols` (ALPN values offered by the client).
+    pub application_protocols: Vec<String>,
     pub direct_source_prefix_ranges: Vec<Cidr>,
     pub source_type: SourceType,
     pub source_prefix_ranges: Vec<Cidr>,
@@ -154,6 +170,9 @@ pub struct HttpConnectionManager {
     pub strip_port: StripPort,
     /// The router filter's `suppress_envoy_headers`.
     pub suppress_envoy_headers: bool,
+    /// The local rate limit filter before the router, if any: its name in `http_filters`
+    /// (the key of its per-route configurations) and its own configuration.
+    pub local_rate_limit: Option<(String, Arc<super::local_ratelimit::LocalRateLimit>)>,
     /// `upgrade_configs`: (lower-case upgrade type, enabled). Only `websocket` is supported.
     pub upgrades: Vec<(String, bool)>,
 }
@@ -262,6 +281,7 @@ pub fn translate(
         .enumerate()
         .map(|(i, fc)| filter_chain(fc, known_clusters, &fpath.index(i), errors))
         .collect();
+    let tls_inspector = listener_filters(l, &path.field("listener_filters"), errors);
     let dpath = path.field("default_filter_chain");
     // Envoy ignores the default chain's filter_chain_match.
     let default_filter_chain = l
@@ -294,6 +314,7 @@ pub fn translate(
         stat_prefix,
         filter_chains: filter_chains.into_iter().collect::<Option<Vec<_>>>()?,
         default_filter_chain,
+        tls_inspector,
         source: Arc::new(l.clone()),
     })
 }
@@ -357,7 +378,9 @@ fn check_distinct_matches(
 type MatchKey = (
     Option<u16>,
     Option<Cidr>,
+    Option<String>,
     String,
+    Option<String>,
     Option<Cidr>,
     SourceType,
     Option<Cidr>,
@@ -372,25 +395,75 @@ fn expand(m: &FilterChainMatch) -> Vec<MatchKey> {
             v.iter().copied().map(Some).collect()
         }
     }
+    fn names(v: &[String]) -> Vec<Option<String>> {
+        if v.is_empty() {
+            vec![None]
+        } else {
+            v.iter().cloned().map(Some).collect()
+        }
+    }
     let mut out = Vec::new();
     for dst in or_none(&m.prefix_ranges) {
-        for direct in or_none(&m.direct_source_prefix_ranges) {
-            for src in or_none(&m.source_prefix_ranges) {
-                for port in or_none(&m.source_ports) {
-                    out.push((
-                        m.destination_port,
-                        dst,
-                        m.transport_protocol.clone(),
-                        direct,
-                        m.source_type,
-                        src,
-                        port,
-                    ));
+        for server_name in names(&m.server_names) {
+            for alpn in names(&m.application_protocols) {
+                for direct in or_none(&m.direct_source_prefix_ranges) {
+                    for src in or_none(&m.source_prefix_ranges) {
+                        for port in or_none(&m.source_ports) {
+                            out.push((
+                                m.destination_port,
+                                dst,
+                                server_name.clone(),
+                                m.transport_protocol.clone(),
+                                alpn.clone(),
+                                direct,
+                                m.source_type,
+                                src,
+                                port,
+                            ));
+                        }
+                    }
                 }
             }
         }
     }
     out
+}
+
+/// `listener_filters`: only the TLS inspector (without options). Returns whether it is there.
+fn listener_filters(l: &pb::Listener, path: &Path, errors: &mut Errors) -> bool {
+    use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
+    use pb::listener_filter::ConfigType;
+    let mut tls_inspector = false;
+    for (i, f) in l.listener_filters.iter().enumerate() {
+        let fpath = path.index(i);
+        let tpath = fpath.field("typed_config");
+        match &f.config_type {
+            Some(ConfigType::TypedConfig(any)) if any.type_url == TlsInspector::type_url() => {
+                match decode::<TlsInspector>(any, &tpath, errors) {
+                    Some(t) if t != TlsInspector::default() => errors.push(
+                        &tpath,
+                        "TLS inspector options (fingerprinting, initial_read_buffer_size) are not supported",
+                    ),
+                    Some(_) if tls_inspector => {
+                        errors.push(&fpath, "the TLS inspector is configured twice")
+                    }
+                    Some(_) => tls_inspector = true,
+                    None => {}
+                }
+            }
+            Some(ConfigType::TypedConfig(any)) => errors.push(
+                &tpath,
+                format!(
+                    "unsupported listener filter {} (supported: {TLS_INSPECTOR})",
+                    any.type_url
+                ),
+            ),
+            // Reported as an unsupported field by the supported-subset check.
+            Some(_) => {}
+            None => errors.push(&tpath, format!("required (name {:?})", f.name)),
+        }
+    }
+    tls_inspector
 }
 
 fn filter_chain_match(
@@ -412,19 +485,25 @@ fn filter_chain_match(
             }
         });
     let transport_protocol = match m.transport_protocol.as_str() {
-        "" | RAW_BUFFER => m.transport_protocol.clone(),
-        "tls" => {
-            errors.push(
-                &path.field("transport_protocol"),
-                "unsupported value tls (needs the TLS inspector listener filter, which is not implemented yet; supported: raw_buffer)",
-            );
-            String::new()
-        }
+        "" | RAW_BUFFER | TLS => m.transport_protocol.clone(),
         other => {
-            errors.unsupported_value(&path.field("transport_protocol"), other, &[RAW_BUFFER]);
+            errors.unsupported_value(&path.field("transport_protocol"), other, &[RAW_BUFFER, TLS]);
             String::new()
         }
     };
+    let mut server_names: Vec<String> = Vec::new();
+    for (i, n) in m.server_names.iter().enumerate() {
+        let lower = n.to_ascii_lowercase();
+        let bare = lower.strip_prefix("*.").unwrap_or(&lower);
+        if bare.is_empty() || bare.contains('*') {
+            errors.push(
+                &path.field("server_names").index(i),
+                format!("{n:?} is not a server name (wildcards only as a leading \"*.\")"),
+            );
+        } else if !server_names.contains(&lower) {
+            server_names.push(lower);
+        }
+    }
     let source_type = match S::try_from(m.source_type) {
         Ok(S::Any) => SourceType::Any,
         Ok(S::SameIpOrLoopback) => SourceType::SameIpOrLoopback,
@@ -450,7 +529,9 @@ fn filter_chain_match(
     FilterChainMatch {
         destination_port,
         prefix_ranges: cidrs(&m.prefix_ranges, &path.field("prefix_ranges"), errors),
+        server_names,
         transport_protocol,
+        application_protocols: m.application_protocols.clone(),
         direct_source_prefix_ranges: cidrs(
             &m.direct_source_prefix_ranges,
             &path.field("direct_source_prefix_ranges"),
@@ -510,14 +591,51 @@ fn filter_chain(
         None => FilterChainMatch::default(),
     };
     let fpath = path.field("filters");
-    let [filter] = fc.filters.as_slice() else {
-        errors.push(
-            &fpath,
-            "exactly one network filter (envoy.filters.network.http_connection_manager or envoy.filters.network.tcp_proxy) is required",
-        );
-        return None;
+    let (rate_limit, filter) = match fc.filters.as_slice() {
+        [filter] => (None, filter),
+        [first, filter] => (Some(first), filter),
+        _ => {
+            errors.push(
+                &fpath,
+                "exactly one terminal network filter (envoy.filters.network.http_connection_manager or envoy.filters.network.tcp_proxy) is required, optionally after envoy.filters.network.local_ratelimit",
+            );
+            return None;
+        }
     };
-    let fpath = fpath.index(0);
+    let connection_rate_limit = match rate_limit {
+        None => None,
+        Some(f) => {
+            let rpath = fpath.index(0).field("typed_config");
+            match &f.config_type {
+                Some(pb::filter::ConfigType::TypedConfig(any))
+                    if any.type_url == super::local_ratelimit::NetworkPb::type_url() =>
+                {
+                    decode::<super::local_ratelimit::NetworkPb>(any, &rpath, errors)
+                        .and_then(|c| {
+                            super::local_ratelimit::connection_rate_limit(&c, &rpath, errors)
+                        })
+                        .map(Arc::new)
+                }
+                Some(pb::filter::ConfigType::TypedConfig(any)) => {
+                    errors.push(
+                        &rpath,
+                        format!(
+                            "unsupported filter {} (only envoy.filters.network.local_ratelimit may precede the terminal filter)",
+                            any.type_url
+                        ),
+                    );
+                    None
+                }
+                // Reported as an unsupported field by the supported-subset check.
+                Some(_) => None,
+                None => {
+                    errors.push(&rpath, format!("required (name {:?})", f.name));
+                    None
+                }
+            }
+        }
+    };
+    let fpath = fpath.index(fc.filters.len() - 1);
     let tpath = fpath.field("typed_config");
     let any = match &filter.config_type {
         Some(pb::filter::ConfigType::TypedConfig(any)) => any,
@@ -539,10 +657,15 @@ fn filter_chain(
         errors.push(&tpath, format!("unsupported filter {}", any.type_url));
         return None;
     };
+    let tls = fc.transport_socket.as_ref().and_then(|ts| {
+        super::tls::downstream_transport_socket(ts, &path.field("transport_socket"), errors)
+    });
     Some(FilterChain {
         name: fc.name.clone(),
         matcher,
         filter,
+        connection_rate_limit,
+        tls,
     })
 }
 
@@ -684,7 +807,8 @@ fn http_connection_manager(
     } else {
         StripPort::None
     };
-    let suppress_envoy_headers = router_filter(c, &path.field("http_filters"), errors);
+    let (suppress_envoy_headers, local_rate_limit) =
+        http_filters(c, &path.field("http_filters"), errors);
     let mut upgrades = Vec::new();
     for (i, u) in c.upgrade_configs.iter().enumerate() {
         let upath = path.field("upgrade_configs").index(i);
@@ -757,15 +881,27 @@ fn http_connection_manager(
         generate_request_id: c.generate_request_id.map(|v| v.value).unwrap_or(true),
         strip_port,
         suppress_envoy_headers,
+        local_rate_limit,
         upgrades,
     })
 }
 
-/// The HTTP filter chain must be the router alone (or empty, which Envoy reads as the router).
-/// Returns the router's `suppress_envoy_headers`.
-fn router_filter(c: &hcm::HttpConnectionManager, path: &Path, errors: &mut Errors) -> bool {
+/// The HTTP filter chain: optionally one local rate limit filter, then the router (an empty
+/// chain is read as the router alone, as Envoy does). Returns the router's
+/// `suppress_envoy_headers` and the local rate limit filter.
+#[allow(clippy::type_complexity)]
+fn http_filters(
+    c: &hcm::HttpConnectionManager,
+    path: &Path,
+    errors: &mut Errors,
+) -> (
+    bool,
+    Option<(String, Arc<super::local_ratelimit::LocalRateLimit>)>,
+) {
+    use super::local_ratelimit::{self as rl, Level};
     use hcm::http_filter::ConfigType;
     let mut suppress = false;
+    let mut rate_limit = None;
     for (i, f) in c.http_filters.iter().enumerate() {
         let fpath = path.index(i);
         let last = i + 1 == c.http_filters.len();
@@ -774,6 +910,24 @@ fn router_filter(c: &hcm::HttpConnectionManager, path: &Path, errors: &mut Error
                 if let Some(r) = decode::<Router>(any, &fpath.field("typed_config"), errors) {
                     suppress = r.suppress_envoy_headers;
                 }
+            }
+            Some(ConfigType::TypedConfig(any))
+                if any.type_url == <rl::Pb as prost::Name>::type_url() =>
+            {
+                if last {
+                    errors.push(&fpath, "the router must be the last HTTP filter");
+                }
+                if rate_limit.is_some() {
+                    errors.push(&fpath, "only one local rate limit filter is supported");
+                } else if let Some(r) = rl::from_any(
+                    any,
+                    Level::ConnectionManager,
+                    &fpath.field("typed_config"),
+                    errors,
+                ) {
+                    rate_limit = Some((f.name.clone(), Arc::new(r)));
+                }
+                continue;
             }
             Some(ConfigType::TypedConfig(any)) => {
                 errors.push(
@@ -797,7 +951,7 @@ fn router_filter(c: &hcm::HttpConnectionManager, path: &Path, errors: &mut Error
             errors.push(&fpath, "the router must be the last HTTP filter");
         }
     }
-    suppress
+    (suppress, rate_limit)
 }
 
 #[cfg(test)]
@@ -923,7 +1077,7 @@ filter_chains:
         ))
         .expect_err("invalid");
         let expected = [
-            "listener.listener_filters: unsupported field (listener filters are not implemented yet)",
+            "listener.listener_filters[0].typed_config: required (name \"envoy.filters.listener.tls_inspector\")",
             "listener.filter_chains[0].filters[0].typed_config.codec_type: unsupported value HTTP3 (supported: AUTO, HTTP1, HTTP2)",
             "listener.filter_chains[0].filters[0].typed_config.http_filters[0]: the router must be the last HTTP filter",
         ];
@@ -1009,7 +1163,7 @@ filter_chains:
     }
 
     #[test]
-    fn filter_chain_matches_are_translated_and_inspector_criteria_rejected() {
+    fn filter_chain_matches_are_translated_and_bad_values_rejected() {
         let l = tcp_listener(&format!(
             "{}{}",
             tcp_chain(
@@ -1027,14 +1181,24 @@ filter_chains:
         assert_eq!(m.source_ports, vec![1234]);
         assert_eq!(l.filter_chains[1].matcher, FilterChainMatch::default());
 
+        let l = tcp_listener(&tcp_chain(
+            "{ server_names: [A.example, '*.b.example'], transport_protocol: tls, application_protocols: [h2] }",
+            "stat_prefix: a\n      cluster: a",
+        ))
+        .expect("valid");
+        let m = &l.filter_chains[0].matcher;
+        assert_eq!(m.server_names, vec!["a.example", "*.b.example"]);
+        assert_eq!(m.transport_protocol, TLS);
+        assert_eq!(m.application_protocols, vec!["h2"]);
+
         let errs = tcp_listener(&format!(
             "{}{}{}",
             tcp_chain(
-                "{ server_names: [a.example] }",
+                "{ server_names: ['a.*.example'] }",
                 "stat_prefix: a\n      cluster: a"
             ),
             tcp_chain(
-                "{ transport_protocol: tls, application_protocols: [h2] }",
+                "{ transport_protocol: quic }",
                 "stat_prefix: a\n      cluster: a"
             ),
             tcp_chain(
@@ -1044,9 +1208,8 @@ filter_chains:
         ))
         .expect_err("invalid");
         let expected = [
-            "listener.filter_chains[0].filter_chain_match.server_names: unsupported field (matching on server names needs the TLS inspector listener filter, which is not implemented yet)",
-            "listener.filter_chains[1].filter_chain_match.application_protocols: unsupported field (matching on application protocols needs the HTTP or TLS inspector listener filter, which is not implemented yet)",
-            "listener.filter_chains[1].filter_chain_match.transport_protocol: unsupported value tls (needs the TLS inspector listener filter, which is not implemented yet; supported: raw_buffer)",
+            "listener.filter_chains[0].filter_chain_match.server_names[0]: \"a.*.example\" is not a server name (wildcards only as a leading \"*.\")",
+            "listener.filter_chains[1].filter_chain_match.transport_protocol: unsupported value quic (supported: raw_buffer, tls)",
             "listener.filter_chains[2].filter_chain_match.prefix_ranges[0].prefix_len: 129 is more than 128",
         ];
         for e in expected {

@@ -9,12 +9,18 @@
 //!
 //! This module does no I/O and starts nothing; it must not depend on the runtime modules.
 
+pub mod circuit_breaker;
 pub mod cluster;
 pub mod dynamic;
 pub mod errors;
+pub mod health_check;
 pub mod listener;
+pub mod local_ratelimit;
+pub mod outlier;
+pub mod pool;
 pub mod route;
 pub mod supported;
+pub mod tls;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -245,7 +251,7 @@ static_resources:
             "admin.address.socket_address.address: malformed IP address \"localhost\"",
             "static_resources.clusters[1].name: duplicate cluster \"a\"",
             "static_resources.clusters[1].type: unsupported value ORIGINAL_DST (supported: STATIC, STRICT_DNS, LOGICAL_DNS, EDS)",
-            "static_resources.clusters[1].lb_policy: unsupported value CLUSTER_PROVIDED (supported: ROUND_ROBIN, LEAST_REQUEST, RANDOM)",
+            "static_resources.clusters[1].lb_policy: unsupported value CLUSTER_PROVIDED (supported: ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV)",
             "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.access_log: unsupported field (access logs are not implemented yet)",
         ];
         for e in expected {

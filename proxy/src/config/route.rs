@@ -31,6 +31,8 @@ pub struct RouteConfig {
     pub ignore_port_in_host_matching: bool,
     pub request_headers: HeaderMutations,
     pub response_headers: HeaderMutations,
+    /// `typed_per_filter_config` (local rate limits), the least specific level.
+    pub per_filter: super::local_ratelimit::PerFilter,
 }
 
 /// Virtual host lookup tables in Envoy's selection order: exact domains, then `*.suffix`
@@ -54,6 +56,7 @@ pub struct VirtualHost {
     pub response_headers: HeaderMutations,
     /// Used by routes that have no retry policy of their own.
     pub retry_policy: Option<RetryPolicy>,
+    pub per_filter: super::local_ratelimit::PerFilter,
 }
 
 #[derive(Debug, Clone)]
@@ -63,6 +66,8 @@ pub struct Route {
     pub action: Action,
     pub request_headers: HeaderMutations,
     pub response_headers: HeaderMutations,
+    /// `typed_per_filter_config`, the most specific level.
+    pub per_filter: super::local_ratelimit::PerFilter,
 }
 
 #[derive(Debug, Clone)]
@@ -135,6 +140,9 @@ pub enum StringPattern {
     Regex(Regex),
 }
 
+// Actions live in the route table, built once per configuration and never moved on the
+// request path, so the size difference between variants costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Action {
     Route(RouteAction),
@@ -157,6 +165,140 @@ pub struct RouteAction {
     /// Route-level `upgrade_configs`: (lower-case upgrade type, enabled); they override the
     /// connection manager's.
     pub upgrades: Vec<(String, bool)>,
+    /// `hash_policy`, in order (see `http::hash_policy`).
+    pub hash_policy: Vec<HashPolicy>,
+}
+
+/// One of a route's `hash_policy` entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HashPolicy {
+    pub source: HashSource,
+    /// Stop at this policy when it produced a hash.
+    pub terminal: bool,
+}
+
+/// What a hash policy hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashSource {
+    /// Every value of a header (lower-case name; pseudo-headers read the request line).
+    Header(String),
+    /// A cookie's value; with a `ttl`, a missing cookie is generated and set on the response
+    /// (`Max-Age` = whole seconds of `ttl`, none when 0).
+    Cookie {
+        name: String,
+        ttl: Option<Duration>,
+        path: String,
+        /// `attributes`: (name, value); an empty value is a bare attribute.
+        attributes: Vec<(String, String)>,
+    },
+    /// The downstream address without its port.
+    SourceIp,
+    /// The first value of a query parameter.
+    QueryParameter(String),
+}
+
+fn hash_policy(
+    h: &pb::route_action::HashPolicy,
+    path: &Path,
+    errors: &mut Errors,
+) -> Option<HashPolicy> {
+    use pb::route_action::hash_policy::PolicySpecifier as P;
+    let source = match &h.policy_specifier {
+        Some(P::Header(hd)) => {
+            let name = hd.header_name.to_ascii_lowercase();
+            if name.is_empty()
+                || http::HeaderName::from_bytes(name.trim_start_matches(':').as_bytes()).is_err()
+            {
+                errors.push(
+                    &path.field("header").field("header_name"),
+                    format!("invalid header name {:?}", hd.header_name),
+                );
+                return None;
+            }
+            HashSource::Header(name)
+        }
+        Some(P::Cookie(c)) => {
+            if c.name.is_empty() {
+                errors.push(&path.field("cookie").field("name"), "required");
+                return None;
+            }
+            let cpath = path.field("cookie");
+            let ttl = match &c.ttl {
+                None => None,
+                Some(d) => match duration(d) {
+                    Some(d) => Some(d),
+                    None => {
+                        errors.push(&cpath.field("ttl"), "must not be negative");
+                        None
+                    }
+                },
+            };
+            let mut attributes = Vec::new();
+            for (i, a) in c.attributes.iter().enumerate() {
+                let apath = cpath.field("attributes").index(i);
+                let name_ok = !a.name.is_empty()
+                    && a.name
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && !b"=;,\"".contains(&b));
+                if !name_ok {
+                    errors.push(
+                        &apath.field("name"),
+                        format!("invalid cookie attribute name {:?}", a.name),
+                    );
+                } else if a.value.bytes().any(|b| b == b';' || b.is_ascii_control()) {
+                    errors.push(
+                        &apath.field("value"),
+                        format!("invalid cookie attribute value {:?}", a.value),
+                    );
+                } else {
+                    attributes.push((a.name.clone(), a.value.clone()));
+                }
+            }
+            if c.path.bytes().any(|b| b == b';' || b.is_ascii_control()) {
+                errors.push(
+                    &cpath.field("path"),
+                    format!("invalid cookie path {:?}", c.path),
+                );
+            }
+            HashSource::Cookie {
+                name: c.name.clone(),
+                ttl,
+                path: c.path.clone(),
+                attributes,
+            }
+        }
+        Some(P::ConnectionProperties(c)) => {
+            if !c.source_ip {
+                // Envoy hashes nothing then; say so rather than keep a policy that never hashes.
+                errors.push(
+                    &path.field("connection_properties").field("source_ip"),
+                    "must be true (it is the only connection property)",
+                );
+                return None;
+            }
+            HashSource::SourceIp
+        }
+        Some(P::QueryParameter(q)) => {
+            if q.name.is_empty() {
+                errors.push(&path.field("query_parameter").field("name"), "required");
+                return None;
+            }
+            HashSource::QueryParameter(q.name.clone())
+        }
+        // Other kinds are reported as unsupported fields by the supported-subset check.
+        Some(_) => return None,
+        None => {
+            errors.push(
+                path,
+                "one of header, cookie, connection_properties, query_parameter is required",
+            );
+            return None;
+        }
+    };
+    Some(HashPolicy {
+        source,
+        terminal: h.terminal,
+    })
 }
 
 /// One of a route's `request_mirror_policies`.
@@ -487,6 +629,7 @@ pub fn translate(
         virtual_hosts,
         domains,
         ignore_port_in_host_matching: rc.ignore_port_in_host_matching,
+        per_filter: super::local_ratelimit::per_filter(&rc.typed_per_filter_config, path, errors),
         request_headers: header_mutations(
             &rc.request_headers_to_add,
             &rc.request_headers_to_remove,
@@ -555,6 +698,7 @@ fn virtual_host(
         domains,
         routes,
         retry_policy,
+        per_filter: super::local_ratelimit::per_filter(&vh.typed_per_filter_config, path, errors),
         request_headers: header_mutations(
             &vh.request_headers_to_add,
             &vh.request_headers_to_remove,
@@ -619,12 +763,14 @@ fn route(
         "response",
         errors,
     );
+    let per_filter = super::local_ratelimit::per_filter(&r.typed_per_filter_config, path, errors);
     Some(Route {
         name: r.name.clone(),
         matcher: matcher?,
         action: action?,
         request_headers,
         response_headers,
+        per_filter,
     })
 }
 
@@ -1004,6 +1150,12 @@ fn route_action(
         }
         upgrades.push((kind, u.enabled.as_ref().is_none_or(|e| e.value)));
     }
+    let hash_policy = a
+        .hash_policy
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| hash_policy(h, &path.field("hash_policy").index(i), errors))
+        .collect();
     Some(RouteAction {
         cluster: cluster?,
         cluster_not_found_response_code,
@@ -1014,6 +1166,7 @@ fn route_action(
         retry_policy,
         mirrors,
         upgrades,
+        hash_policy,
     })
 }
 
@@ -1167,6 +1320,14 @@ fn direct_response(
     let body = match a.body.as_ref().and_then(|b| b.specifier.as_ref()) {
         Some(Specifier::InlineString(s)) => Some(Bytes::from(s.clone())),
         Some(Specifier::InlineBytes(b)) => Some(Bytes::from(b.clone())),
+        // The table accepts `filename` for TLS certificates (`DataSource` is shared).
+        Some(Specifier::Filename(_)) => {
+            errors.push(
+                &path.field("body").field("filename"),
+                "unsupported field (use inline_string or inline_bytes)",
+            );
+            None
+        }
         // Reported as unsupported fields by the supported-subset check.
         Some(_) => None,
         None => None,
@@ -1214,7 +1375,7 @@ pub fn header_mutations(
 }
 
 #[allow(deprecated)] // Envoy still accepts the deprecated form; so do we.
-fn header_addition(
+pub(crate) fn header_addition(
     o: &core::HeaderValueOption,
     path: &Path,
     errors: &mut Errors,

@@ -81,22 +81,159 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "connect_timeout",
             "lb_policy",
             "least_request_lb_config",
+            "ring_hash_lb_config",
+            "maglev_lb_config",
+            "common_lb_config",
             "load_assignment",
             "dns_refresh_rate",
             "dns_lookup_family",
             "eds_cluster_config",
             "typed_extension_protocol_options",
             "metadata",
+            "health_checks",
+            "circuit_breakers",
+            "outlier_detection",
+            "max_requests_per_connection",
+            "upstream_connection_options",
+            "transport_socket",
         ],
     ),
+    ("envoy.config.cluster.v3.CircuitBreakers", &["thresholds"]),
+    (
+        "envoy.config.cluster.v3.UpstreamConnectionOptions",
+        &["tcp_keepalive"],
+    ),
+    (
+        "envoy.config.core.v3.TcpKeepalive",
+        &["keepalive_probes", "keepalive_time", "keepalive_interval"],
+    ),
+    (
+        "envoy.config.core.v3.HttpProtocolOptions",
+        &[
+            "idle_timeout",
+            "max_connection_duration",
+            "max_requests_per_connection",
+        ],
+    ),
+    (
+        "envoy.config.cluster.v3.CircuitBreakers.Thresholds",
+        &[
+            "priority",
+            "max_connections",
+            "max_pending_requests",
+            "max_requests",
+            "max_retries",
+            "retry_budget",
+            "track_remaining",
+        ],
+    ),
+    (
+        "envoy.config.cluster.v3.CircuitBreakers.Thresholds.RetryBudget",
+        &["budget_percent", "min_retry_concurrency"],
+    ),
+    (
+        "envoy.config.cluster.v3.OutlierDetection",
+        &[
+            "consecutive_5xx",
+            "interval",
+            "base_ejection_time",
+            "max_ejection_percent",
+            "enforcing_consecutive_5xx",
+            "enforcing_success_rate",
+            "success_rate_minimum_hosts",
+            "success_rate_request_volume",
+            "success_rate_stdev_factor",
+            "consecutive_gateway_failure",
+            "enforcing_consecutive_gateway_failure",
+            "split_external_local_origin_errors",
+            "consecutive_local_origin_failure",
+            "enforcing_consecutive_local_origin_failure",
+            "enforcing_local_origin_success_rate",
+            "failure_percentage_threshold",
+            "enforcing_failure_percentage",
+            "enforcing_failure_percentage_local_origin",
+            "failure_percentage_minimum_hosts",
+            "failure_percentage_request_volume",
+            "max_ejection_time",
+            "always_eject_one_host",
+        ],
+    ),
+    (
+        "envoy.config.core.v3.HealthCheck",
+        &[
+            "timeout",
+            "interval",
+            "initial_jitter",
+            "interval_jitter",
+            "interval_jitter_percent",
+            "unhealthy_threshold",
+            "healthy_threshold",
+            "reuse_connection",
+            "no_traffic_interval",
+            "no_traffic_healthy_interval",
+            "unhealthy_interval",
+            "unhealthy_edge_interval",
+            "healthy_edge_interval",
+            "http_health_check",
+            "tcp_health_check",
+            "grpc_health_check",
+        ],
+    ),
+    (
+        "envoy.config.core.v3.HealthCheck.HttpHealthCheck",
+        &[
+            "host",
+            "path",
+            "request_headers_to_add",
+            "request_headers_to_remove",
+            "expected_statuses",
+            "retriable_statuses",
+            "codec_client_type",
+            "method",
+        ],
+    ),
+    (
+        "envoy.config.core.v3.HealthCheck.TcpHealthCheck",
+        &["send", "receive"],
+    ),
+    (
+        "envoy.config.core.v3.HealthCheck.GrpcHealthCheck",
+        &["service_name", "authority"],
+    ),
+    (
+        "envoy.config.core.v3.HealthCheck.Payload",
+        &["text", "binary"],
+    ),
+    ("envoy.type.v3.Int64Range", &["start", "end"]),
     (
         "envoy.config.cluster.v3.Cluster.EdsClusterConfig",
         &["eds_config", "service_name"],
     ),
     (
         "envoy.config.cluster.v3.Cluster.LeastRequestLbConfig",
-        &["choice_count"],
+        &["choice_count", "active_request_bias"],
     ),
+    (
+        "envoy.config.core.v3.RuntimeDouble",
+        &["default_value", "runtime_key"],
+    ),
+    (
+        "envoy.config.cluster.v3.Cluster.RingHashLbConfig",
+        &["minimum_ring_size", "maximum_ring_size", "hash_function"],
+    ),
+    (
+        "envoy.config.cluster.v3.Cluster.MaglevLbConfig",
+        &["table_size"],
+    ),
+    (
+        "envoy.config.cluster.v3.Cluster.CommonLbConfig",
+        &["healthy_panic_threshold", "locality_weighted_lb_config"],
+    ),
+    (
+        "envoy.config.cluster.v3.Cluster.CommonLbConfig.LocalityWeightedLbConfig",
+        &[],
+    ),
+    ("envoy.type.v3.Percent", &["value"]),
     (
         "envoy.config.core.v3.ConfigSource",
         &["ads", "initial_fetch_timeout", "resource_api_version"],
@@ -104,11 +241,21 @@ const SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.core.v3.AggregatedConfigSource", &[]),
     (
         "envoy.config.endpoint.v3.ClusterLoadAssignment",
-        &["cluster_name", "endpoints"],
+        &["cluster_name", "endpoints", "policy"],
+    ),
+    (
+        "envoy.config.endpoint.v3.ClusterLoadAssignment.Policy",
+        &["overprovisioning_factor"],
     ),
     (
         "envoy.config.endpoint.v3.LocalityLbEndpoints",
-        &["locality", "lb_endpoints", "priority", "metadata"],
+        &[
+            "locality",
+            "lb_endpoints",
+            "priority",
+            "metadata",
+            "load_balancing_weight",
+        ],
     ),
     (
         "envoy.config.endpoint.v3.LbEndpoint",
@@ -125,7 +272,7 @@ const SUPPORTED: &[(&str, &[&str])] = &[
     ),
     (
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        &["explicit_http_config"],
+        &["explicit_http_config", "common_http_protocol_options"],
     ),
     (
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig",
@@ -144,11 +291,81 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "stat_prefix",
             "traffic_direction",
             "metadata",
+            "listener_filters",
         ],
     ),
     (
+        "envoy.config.listener.v3.ListenerFilter",
+        &["name", "typed_config"],
+    ),
+    (
         "envoy.config.listener.v3.FilterChain",
-        &["filters", "name", "metadata", "filter_chain_match"],
+        &[
+            "filters",
+            "name",
+            "metadata",
+            "filter_chain_match",
+            "transport_socket",
+        ],
+    ),
+    // TLS (`envoy.transport_sockets.tls`) on filter chains and clusters.
+    (
+        "envoy.config.core.v3.TransportSocket",
+        &["name", "typed_config"],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        &["common_tls_context", "require_client_certificate"],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        &["common_tls_context", "sni"],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext",
+        &[
+            "tls_params",
+            "tls_certificates",
+            "validation_context",
+            "alpn_protocols",
+            "tls_certificate_sds_secret_configs",
+            "validation_context_sds_secret_config",
+            "combined_validation_context",
+        ],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext.CombinedCertificateValidationContext",
+        &[
+            "default_validation_context",
+            "validation_context_sds_secret_config",
+        ],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig",
+        &["name", "sds_config"],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.Secret",
+        &["name", "tls_certificate", "validation_context"],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.TlsParameters",
+        &[
+            "tls_minimum_protocol_version",
+            "tls_maximum_protocol_version",
+        ],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.TlsCertificate",
+        &["certificate_chain", "private_key"],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext",
+        &["trusted_ca", "match_typed_subject_alt_names"],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.SubjectAltNameMatcher",
+        &["san_type", "matcher"],
     ),
     (
         "envoy.config.listener.v3.FilterChainMatch",
@@ -160,6 +377,8 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "source_prefix_ranges",
             "source_ports",
             "transport_protocol",
+            "server_names",
+            "application_protocols",
         ],
     ),
     (
@@ -222,6 +441,33 @@ const SUPPORTED: &[(&str, &[&str])] = &[
         "envoy.extensions.filters.http.router.v3.Router",
         &["suppress_envoy_headers"],
     ),
+    (
+        "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+        &[
+            "stat_prefix",
+            "status",
+            "token_bucket",
+            "filter_enabled",
+            "filter_enforced",
+            "request_headers_to_add_when_not_enforced",
+            "response_headers_to_add",
+            "local_rate_limit_per_downstream_connection",
+        ],
+    ),
+    ("envoy.type.v3.HttpStatus", &["code"]),
+    (
+        "envoy.extensions.filters.network.local_ratelimit.v3.LocalRateLimit",
+        &["stat_prefix", "token_bucket", "runtime_enabled"],
+    ),
+    // No runtime layer: `default_value` applies, as in an Envoy without runtime overrides.
+    (
+        "envoy.config.core.v3.RuntimeFeatureFlag",
+        &["default_value", "runtime_key"],
+    ),
+    (
+        "envoy.type.v3.TokenBucket",
+        &["max_tokens", "tokens_per_fill", "fill_interval"],
+    ),
     // Routes.
     (
         "envoy.config.route.v3.RouteConfiguration",
@@ -235,6 +481,7 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "validate_clusters",
             "ignore_port_in_host_matching",
             "max_direct_response_body_size_bytes",
+            "typed_per_filter_config",
         ],
     ),
     (
@@ -249,6 +496,7 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "response_headers_to_remove",
             "metadata",
             "retry_policy",
+            "typed_per_filter_config",
         ],
     ),
     (
@@ -264,6 +512,7 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "response_headers_to_add",
             "response_headers_to_remove",
             "metadata",
+            "typed_per_filter_config",
         ],
     ),
     (
@@ -335,7 +584,38 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "retry_policy",
             "request_mirror_policies",
             "upgrade_configs",
+            "hash_policy",
         ],
+    ),
+    (
+        "envoy.config.route.v3.RouteAction.HashPolicy",
+        &[
+            "header",
+            "cookie",
+            "connection_properties",
+            "query_parameter",
+            "terminal",
+        ],
+    ),
+    (
+        "envoy.config.route.v3.RouteAction.HashPolicy.Header",
+        &["header_name"],
+    ),
+    (
+        "envoy.config.route.v3.RouteAction.HashPolicy.Cookie",
+        &["name", "ttl", "path", "attributes"],
+    ),
+    (
+        "envoy.config.route.v3.RouteAction.HashPolicy.CookieAttribute",
+        &["name", "value"],
+    ),
+    (
+        "envoy.config.route.v3.RouteAction.HashPolicy.ConnectionProperties",
+        &["source_ip"],
+    ),
+    (
+        "envoy.config.route.v3.RouteAction.HashPolicy.QueryParameter",
+        &["name"],
     ),
     (
         "envoy.config.route.v3.RouteAction.RequestMirrorPolicy",
@@ -403,7 +683,7 @@ const SUPPORTED: &[(&str, &[&str])] = &[
     ),
     (
         "envoy.config.core.v3.DataSource",
-        &["inline_string", "inline_bytes"],
+        &["inline_string", "inline_bytes", "filename"],
     ),
     (
         "envoy.config.core.v3.HeaderValueOption",
@@ -427,18 +707,29 @@ const HINTS: &[(&str, &str)] = &[
     ),
     ("google_grpc", "use envoy_grpc naming a STATIC cluster"),
     (
-        "health_checks",
-        "active health checking is not implemented yet",
+        "custom_health_check",
+        "only http_health_check, tcp_health_check and grpc_health_check are implemented",
     ),
     (
-        "outlier_detection",
-        "outlier detection is not implemented yet",
+        "per_host_thresholds",
+        "per-host circuit breakers are not implemented yet",
     ),
     (
-        "circuit_breakers",
-        "circuit breakers are not implemented yet",
+        "max_ejection_time_jitter",
+        "ejection time jitter is not implemented yet",
     ),
-    ("transport_socket", "TLS is not implemented yet"),
+    (
+        "successful_active_health_check_uneject_host",
+        "outlier detection and active health checking are independent here",
+    ),
+    (
+        "match_subject_alt_names",
+        "use match_typed_subject_alt_names",
+    ),
+    (
+        "auto_config",
+        "the ALPN-negotiated upstream protocol is not implemented yet; use explicit_http_config (with alpn_protocols: [h2] for HTTP/2 over TLS)",
+    ),
     (
         "request_mirror_policies",
         "request mirroring is supported on routes only (route.request_mirror_policies)",
@@ -449,20 +740,8 @@ const HINTS: &[(&str, &str)] = &[
     ),
     ("access_log", "access logs are not implemented yet"),
     (
-        "server_names",
-        "matching on server names needs the TLS inspector listener filter, which is not implemented yet",
-    ),
-    (
-        "application_protocols",
-        "matching on application protocols needs the HTTP or TLS inspector listener filter, which is not implemented yet",
-    ),
-    (
-        "listener_filters",
-        "listener filters are not implemented yet",
-    ),
-    (
         "hash_policy",
-        "hash-based load balancing is not implemented yet",
+        "hash policies are implemented on routes only (route.hash_policy)",
     ),
 ];
 
@@ -581,7 +860,7 @@ mod tests {
     #[test]
     fn unsupported_fields_are_named_with_hints() {
         let cluster: Cluster = capstan_proto::from_yaml(
-            "name: c\nconnect_timeout: 1s\nhealth_checks: [{timeout: 1s, interval: 1s}]\nper_connection_buffer_limit_bytes: 10\n",
+            "name: c\nconnect_timeout: 1s\nhealth_checks: [{timeout: 1s, interval: 1s, custom_health_check: {name: x}}]\nper_connection_buffer_limit_bytes: 10\n",
         )
         .expect("parses");
         let mut errors = Errors::new();
@@ -591,7 +870,7 @@ mod tests {
             text,
             vec![
                 "cluster.per_connection_buffer_limit_bytes: unsupported field".to_string(),
-                "cluster.health_checks: unsupported field (active health checking is not implemented yet)".to_string(),
+                "cluster.health_checks[0].custom_health_check: unsupported field (only http_health_check, tcp_health_check and grpc_health_check are implemented)".to_string(),
             ]
         );
     }

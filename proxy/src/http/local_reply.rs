@@ -28,6 +28,13 @@ pub enum LocalReply {
     BadRequest(&'static str),
     DirectResponse(StatusCode, Option<Bytes>),
     Redirect(StatusCode, HeaderValue),
+    /// The local rate limit filter found its bucket empty (`RL`); its configured status.
+    RateLimited(StatusCode),
+    /// A circuit breaker refused the request (`UO`): 503, with `x-envoy-overloaded: true`
+    /// unless the router suppresses Envoy's headers (`header: false`).
+    Overloaded {
+        header: bool,
+    },
 }
 
 impl LocalReply {
@@ -42,6 +49,8 @@ impl LocalReply {
             LocalReply::UpstreamFailure(_) => "UF",
             LocalReply::UpgradeFailed | LocalReply::BadRequest(_) => "DPE",
             LocalReply::DirectResponse(..) | LocalReply::Redirect(..) => "-",
+            LocalReply::RateLimited(_) => "RL",
+            LocalReply::Overloaded { .. } => "UO",
         }
     }
 
@@ -49,13 +58,15 @@ impl LocalReply {
         match self {
             LocalReply::NoRoute => StatusCode::NOT_FOUND,
             LocalReply::ClusterNotFound(code) => *code,
-            LocalReply::NoHealthyUpstream | LocalReply::UpstreamFailure(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            LocalReply::NoHealthyUpstream
+            | LocalReply::UpstreamFailure(_)
+            | LocalReply::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             LocalReply::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             LocalReply::UpgradeFailed => StatusCode::FORBIDDEN,
             LocalReply::BadRequest(_) => StatusCode::BAD_REQUEST,
-            LocalReply::DirectResponse(code, _) | LocalReply::Redirect(code, _) => *code,
+            LocalReply::DirectResponse(code, _)
+            | LocalReply::Redirect(code, _)
+            | LocalReply::RateLimited(code) => *code,
         }
     }
 
@@ -72,6 +83,10 @@ impl LocalReply {
             ))),
             LocalReply::BadRequest(reason) => Some(Bytes::from_static(reason.as_bytes())),
             LocalReply::DirectResponse(_, body) => body.clone(),
+            LocalReply::RateLimited(_) => Some(Bytes::from_static(b"local_rate_limited")),
+            LocalReply::Overloaded { .. } => Some(Bytes::from_static(
+                b"upstream connect error or disconnect/reset before headers. reset reason: overflow",
+            )),
         }
     }
 
@@ -79,6 +94,9 @@ impl LocalReply {
         let status = self.status();
         let body = self.body();
         let mut builder = Response::builder().status(status);
+        if let LocalReply::Overloaded { header: true } = &self {
+            builder = builder.header("x-envoy-overloaded", "true");
+        }
         if let LocalReply::Redirect(_, location) = &self {
             builder = builder.header(header::LOCATION, location.clone());
         }

@@ -12,7 +12,9 @@
 //! connections get a GOAWAY; in the closing phase every connection shuts down gracefully.
 
 pub mod body;
+pub mod hash_policy;
 pub mod headers;
+pub mod local_ratelimit;
 pub mod local_reply;
 pub mod proxy;
 pub mod retry;
@@ -23,12 +25,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::tls::DownstreamStream;
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::cluster::ClusterManager;
@@ -149,6 +151,8 @@ impl std::fmt::Debug for HttpConnectionManager {
 pub struct Connection {
     pub remote: SocketAddr,
     pub local: SocketAddr,
+    /// The connection is TLS-terminated (`x-forwarded-proto: https`).
+    pub tls: bool,
     seen_request: AtomicBool,
     http2: AtomicBool,
     goaway: Notify,
@@ -201,7 +205,7 @@ impl HttpConnectionManager {
     /// Serves one downstream connection until it closes.
     pub async fn serve_connection(
         self: Arc<Self>,
-        stream: TcpStream,
+        stream: DownstreamStream,
         remote: SocketAddr,
         local: SocketAddr,
     ) {
@@ -211,6 +215,7 @@ impl HttpConnectionManager {
         let conn = Arc::new(Connection {
             remote,
             local,
+            tls: matches!(stream, DownstreamStream::Tls(_)),
             seen_request: AtomicBool::new(false),
             http2: AtomicBool::new(false),
             goaway: Notify::new(),

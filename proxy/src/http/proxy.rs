@@ -21,11 +21,14 @@ use super::headers::{
     self, X_ENVOY_EXPECTED_RQ_TIMEOUT_MS, X_ENVOY_ORIGINAL_PATH, X_ENVOY_UPSTREAM_SERVICE_TIME,
     X_FORWARDED_PROTO, X_REQUEST_ID,
 };
+use super::local_ratelimit;
 use super::local_reply::LocalReply;
 use super::retry::{self, TryOutcome};
 use super::router::{self, RedirectInput, RequestView, Selected};
 use super::{Connection, HttpConnectionManager, active_request};
-use crate::cluster::pool::{PoolBody, PoolResponse};
+use crate::cluster::circuit_breaker::Kind as BreakerKind;
+use crate::cluster::outlier::Outcome as OutlierOutcome;
+use crate::cluster::pool::{PoolBody, PoolResponse, UpstreamError};
 use crate::config::cluster::UpstreamProtocol;
 use crate::config::route::{
     Action, ClusterSpecifier, HeaderMutations, MirrorPolicy, RouteAction, RouteConfig,
@@ -100,9 +103,10 @@ impl HttpConnectionManager {
         let authority =
             router::strip_port(&authority, self.config.strip_port, conn.local.port()).to_string();
         if !parts.headers.contains_key(&X_FORWARDED_PROTO) {
+            let scheme = if conn.tls { "https" } else { "http" };
             parts
                 .headers
-                .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+                .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
         }
         if self.config.generate_request_id && !parts.headers.contains_key(&X_REQUEST_ID) {
             parts
@@ -132,6 +136,33 @@ impl HttpConnectionManager {
             let kind = kind.to_str().unwrap_or("");
             if !router::upgrade_allowed(&self.config.upgrades, route_upgrades, kind) {
                 return LocalReply::UpgradeFailed.into_response();
+            }
+        }
+        if let Some((filter, own)) = &self.config.local_rate_limit {
+            // The most specific configuration wins: route, virtual host, route
+            // configuration, then the filter's own.
+            let config = selected
+                .and_then(|s| {
+                    [&s.route.per_filter, &s.virtual_host.per_filter]
+                        .into_iter()
+                        .find_map(|pf| pf.iter().find(|(k, _)| k == filter))
+                })
+                .or_else(|| rc.per_filter.iter().find(|(k, _)| k == filter))
+                .map(|(_, c)| c)
+                .unwrap_or(own);
+            match local_ratelimit::decide(config, fastrand::u64(..), fastrand::u64(..)) {
+                local_ratelimit::Decision::Pass => {}
+                local_ratelimit::Decision::PassUnenforced => {
+                    headers::apply(
+                        &config.request_headers_when_not_enforced,
+                        &mut parts.headers,
+                    );
+                }
+                local_ratelimit::Decision::Limit => {
+                    let mut r = LocalReply::RateLimited(config.status).into_response();
+                    headers::apply(&config.response_headers, r.headers_mut());
+                    return r;
+                }
             }
         }
         let Some(selected) = selected else {
@@ -174,6 +205,7 @@ impl HttpConnectionManager {
                     selected,
                     action,
                     Forward {
+                        addresses: (conn.remote, conn.local),
                         upgrade: upgrade.map(|kind| {
                             let on = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
                             (kind, on)
@@ -204,6 +236,7 @@ impl HttpConnectionManager {
             path,
             guard,
             upgrade,
+            addresses,
         } = request;
         let Selected {
             virtual_host,
@@ -228,7 +261,15 @@ impl HttpConnectionManager {
             return r;
         };
         self.stats.rq_total.inc();
-        let Some(host) = cluster.choose_host() else {
+        // As in Envoy, the route's hash policy runs only for clusters that hash (it may
+        // generate a cookie).
+        let hashed = if cluster.config().lb_policy.uses_hash() {
+            super::hash_policy::compute(&action.hash_policy, &parts, &authority, addresses)
+        } else {
+            super::hash_policy::Hashed::default()
+        };
+        let lb = crate::cluster::LbContext { hash: hashed.hash };
+        let Some(host) = cluster.choose_host(&lb) else {
             let mut r = LocalReply::NoHealthyUpstream.into_response();
             apply_response(rc, selected, weighted_response, &mut r);
             return r;
@@ -338,6 +379,7 @@ impl HttpConnectionManager {
             let (mut rparts, incoming) = response.into_parts();
             let upgraded_to = rparts.headers.get(header::UPGRADE).cloned();
             headers::remove_hop_by_hop(&mut rparts.headers);
+            hashed.set_cookies(&mut rparts.headers);
             if !suppress {
                 rparts.headers.insert(
                     X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
@@ -427,6 +469,7 @@ impl HttpConnectionManager {
         let deadline = action.timeout.map(|t| first_started + t);
         let mut host = host;
         let mut retries_done: u32 = 0;
+        let mut retry_permit = None;
         let (upstream, host, started) = loop {
             let per_try = policy.and_then(|p| p.per_try_timeout);
             let now = Instant::now();
@@ -459,14 +502,30 @@ impl HttpConnectionManager {
                     None => RequestBody::buffered(bytes::Bytes::new(), None),
                 },
             };
-            cluster_stats.upstream_rq_total.inc();
-            host.stats.rq_total.inc();
+            // The pool counts `upstream_rq_total` once the request is admitted.
             let started = StdInstant::now();
             let send = host.pool.send(Request::from_parts(try_parts, body));
             let result = match try_deadline {
                 Some(d) => tokio::time::timeout_at(d, send).await.ok(),
                 None => Some(send.await),
             };
+            // The previous retry's circuit-breaker permit is held until this decision.
+            drop(retry_permit.take());
+            if let Some(Err(UpstreamError::Overflow)) = &result {
+                // A circuit breaker refused the try: never retried, not held against the host.
+                cluster_stats.upstream_rq.record(503);
+                let mut r = LocalReply::Overloaded { header: !suppress }.into_response();
+                apply_response(rc, selected, weighted_response, &mut r);
+                return r;
+            }
+            let reported = match &result {
+                None => Some(OutlierOutcome::Timeout),
+                Some(Err(e)) => OutlierOutcome::of_error(e),
+                Some(Ok(r)) => Some(OutlierOutcome::Response(r.response.status().as_u16())),
+            };
+            if let Some(o) = reported {
+                cluster.report_outcome(&host, o);
+            }
             let per_try_fired = result.is_none()
                 && per_try_deadline.is_some_and(|p| deadline.is_none_or(|d| p < d));
             let outcome = match &result {
@@ -487,7 +546,23 @@ impl HttpConnectionManager {
             if retriable && !can_retry {
                 cluster_stats.upstream_rq_retry_limit_exceeded.inc();
             }
-            if !(retriable && can_retry) {
+            // `max_retries` / `retry_budget`: a retry the breaker refuses is not made.
+            let retry_overflow = retriable
+                && can_retry
+                && match cluster.breakers() {
+                    Some(b) => match b.try_acquire(BreakerKind::Retries) {
+                        Some(p) => {
+                            retry_permit = Some(p);
+                            false
+                        }
+                        None => {
+                            cluster_stats.upstream_rq_retry_overflow.inc();
+                            true
+                        }
+                    },
+                    None => false,
+                };
+            if !(retriable && can_retry) || retry_overflow {
                 if retries_done > 0 && !retriable {
                     cluster_stats.upstream_rq_retry_success.inc();
                 }
@@ -556,7 +631,7 @@ impl HttpConnectionManager {
                 return r;
             }
             tokio::time::sleep_until(wake).await;
-            host = match cluster.choose_host() {
+            host = match cluster.choose_host(&lb) {
                 Some(h) => h,
                 None => {
                     let mut r = LocalReply::NoHealthyUpstream.into_response();
@@ -580,6 +655,7 @@ impl HttpConnectionManager {
         }
         let (mut rparts, incoming) = response.into_parts();
         headers::remove_hop_by_hop(&mut rparts.headers);
+        hashed.set_cookies(&mut rparts.headers);
         if !suppress {
             rparts.headers.insert(
                 X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
@@ -610,15 +686,13 @@ impl HttpConnectionManager {
             return;
         };
         tokio::spawn(async move {
-            let Some(host) = cluster.choose_host() else {
+            let Some(host) = cluster.choose_host(&crate::cluster::LbContext::default()) else {
                 return;
             };
             if set_target(&mut parts, host.pool.protocol(), &authority, &path).is_err() {
                 return;
             }
             let stats = cluster.stats().clone();
-            stats.upstream_rq_total.inc();
-            host.stats.rq_total.inc();
             let _active = GaugeGuard::new(stats.clone());
             let exchange = async {
                 match host.pool.send(Request::from_parts(parts, body)).await {
@@ -736,6 +810,8 @@ struct Forward {
     authority: String,
     path: String,
     guard: GaugeGuard<Arc<super::HttpStats>>,
+    /// The downstream connection's (remote, local) addresses, for hash policies.
+    addresses: (std::net::SocketAddr, std::net::SocketAddr),
 }
 
 /// Response header mutations from the most specific level out (weighted cluster, route,

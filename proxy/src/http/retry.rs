@@ -28,6 +28,8 @@ impl TryOutcome {
                 TryOutcome::ConnectFailure
             }
             UpstreamError::Handshake(_) | UpstreamError::Reset(_) => TryOutcome::Reset,
+            // Never retried: the router answers a circuit-breaker overflow at once.
+            UpstreamError::Overflow => TryOutcome::Reset,
         }
     }
 }

@@ -9,9 +9,12 @@
 //! most specific chains of one step all fail a later step, no chain matches (and the default
 //! chain, if any, takes the connection) — exactly like Envoy's match tree.
 //!
-//! Server names and application protocols are never set (the configuration rejects them), and
-//! no listener filter inspects the transport protocol, so every connection is `raw_buffer`.
-//! This module must not know what a chain does with the connection.
+//! Server names: the exact name beats `*.` wildcards (the longest suffix first), which beat
+//! chains without server names. Application protocols: a chain listing one the client offered
+//! beats chains without any. The server name, transport protocol and application protocols come
+//! from the TLS inspector ([`super::tls_inspector`]); without it every connection is
+//! `raw_buffer` with no server name. This module must not know what a chain does with the
+//! connection.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -19,16 +22,35 @@ use crate::config::listener::{Cidr, FilterChain, RAW_BUFFER, SourceType};
 
 /// The connection facts chains are matched on.
 #[derive(Debug, Clone, Copy)]
-pub struct ConnectionInfo {
+pub struct ConnectionInfo<'a> {
     /// The address the connection was accepted on.
     pub local: SocketAddr,
     /// The peer (no PROXY protocol: the direct source is the source).
     pub remote: SocketAddr,
+    /// The SNI (lower-case) the TLS inspector found.
+    pub server_name: Option<&'a str>,
+    /// `raw_buffer` or `tls`.
+    pub transport_protocol: &'a str,
+    /// The ALPN values the client offered.
+    pub application_protocols: &'a [String],
+}
+
+impl<'a> ConnectionInfo<'a> {
+    /// A connection no listener filter inspected.
+    pub fn raw(local: SocketAddr, remote: SocketAddr) -> Self {
+        Self {
+            local,
+            remote,
+            server_name: None,
+            transport_protocol: RAW_BUFFER,
+            application_protocols: &[],
+        }
+    }
 }
 
 /// The index of the chain of `chains` that takes a connection, or `None` (the default chain,
 /// if any, then takes it).
-pub fn select(chains: &[FilterChain], conn: &ConnectionInfo) -> Option<usize> {
+pub fn select(chains: &[FilterChain], conn: &ConnectionInfo<'_>) -> Option<usize> {
     let mut candidates: Vec<usize> = (0..chains.len()).collect();
     let m = |i: &usize| &chains[*i].matcher;
 
@@ -41,12 +63,28 @@ pub fn select(chains: &[FilterChain], conn: &ConnectionInfo) -> Option<usize> {
     narrow(&mut candidates, |i| {
         cidr_score(&m(i).prefix_ranges, conn.local.ip())
     });
-    // Transport protocol: every connection is raw_buffer (no TLS inspector).
+    narrow(&mut candidates, |i| {
+        server_name_score(&m(i).server_names, conn.server_name)
+    });
     narrow(&mut candidates, |i| {
         match m(i).transport_protocol.as_str() {
-            RAW_BUFFER => Some(1),
             "" => Some(0),
+            p if p == conn.transport_protocol => Some(1),
             _ => None,
+        }
+    });
+    narrow(&mut candidates, |i| {
+        let protocols = &m(i).application_protocols;
+        if protocols.is_empty() {
+            Some(0)
+        } else if conn
+            .application_protocols
+            .iter()
+            .any(|p| protocols.contains(p))
+        {
+            Some(1)
+        } else {
+            None
         }
     });
     narrow(&mut candidates, |i| {
@@ -77,6 +115,24 @@ pub fn select(chains: &[FilterChain], conn: &ConnectionInfo) -> Option<usize> {
     candidates.first().copied()
 }
 
+/// Envoy's server name lookup: the exact name (scored highest), else the `*.` wildcard with
+/// the longest matching suffix, else a chain without server names.
+fn server_name_score(names: &[String], server_name: Option<&str>) -> Option<u32> {
+    if names.is_empty() {
+        return Some(0);
+    }
+    let sni = server_name?;
+    names
+        .iter()
+        .filter_map(|n| match n.strip_prefix('*') {
+            // `*.example.com` matches `a.example.com` and `a.b.example.com`.
+            Some(suffix) => (sni.len() > suffix.len() && sni.ends_with(suffix))
+                .then(|| u32::try_from(suffix.len()).unwrap_or(u32::MAX - 1)),
+            None => (n == sni).then_some(u32::MAX),
+        })
+        .max()
+}
+
 /// Keeps the candidates with the highest score; `None` means "does not match".
 fn narrow(candidates: &mut Vec<usize>, score: impl Fn(&usize) -> Option<u32>) {
     let best = candidates.iter().filter_map(&score).max();
@@ -100,7 +156,7 @@ fn cidr_score(ranges: &[Cidr], ip: IpAddr) -> Option<u32> {
 }
 
 /// Envoy's `isSameIpOrLoopback`: the peer is a loopback address or the local address.
-fn is_same_ip_or_loopback(conn: &ConnectionInfo) -> bool {
+fn is_same_ip_or_loopback(conn: &ConnectionInfo<'_>) -> bool {
     let remote = conn.remote.ip();
     remote.is_loopback() || remote == conn.local.ip()
 }
@@ -121,6 +177,8 @@ mod tests {
                 idle_timeout: None,
                 max_connect_attempts: 1,
             })),
+            connection_rate_limit: None,
+            tls: None,
         }
     }
 
@@ -130,10 +188,10 @@ mod tests {
     }
 
     fn pick(chains: &[FilterChain], local: &str, remote: &str) -> Option<String> {
-        let conn = ConnectionInfo {
-            local: local.parse().expect("local"),
-            remote: remote.parse().expect("remote"),
-        };
+        let conn = ConnectionInfo::raw(
+            local.parse().expect("local"),
+            remote.parse().expect("remote"),
+        );
         select(chains, &conn).map(|i| chains[i].name.clone())
     }
 
@@ -274,6 +332,104 @@ mod tests {
         );
         // The transport protocol step came first: no fall back to "empty".
         assert_eq!(pick(&chains, "10.0.0.1:1", "127.0.0.1:7"), None);
+    }
+
+    fn pick_tls(chains: &[FilterChain], sni: Option<&str>, alpn: &[&str]) -> Option<String> {
+        let alpn: Vec<String> = alpn.iter().map(|s| s.to_string()).collect();
+        let conn = ConnectionInfo {
+            server_name: sni,
+            transport_protocol: crate::config::listener::TLS,
+            application_protocols: &alpn,
+            ..ConnectionInfo::raw(
+                "10.0.0.1:443".parse().expect("local"),
+                "10.0.0.2:5".parse().expect("remote"),
+            )
+        };
+        select(chains, &conn).map(|i| chains[i].name.clone())
+    }
+
+    #[test]
+    fn server_names_exact_then_longest_wildcard_then_none() {
+        let names = |n: &[&str]| FilterChainMatch {
+            server_names: n.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let chains = [
+            chain("exact", names(&["a.example.com"])),
+            chain("wide", names(&["*.example.com"])),
+            chain("narrow", names(&["*.b.example.com"])),
+            chain("none", FilterChainMatch::default()),
+        ];
+        assert_eq!(
+            pick_tls(&chains, Some("a.example.com"), &[]).as_deref(),
+            Some("exact")
+        );
+        assert_eq!(
+            pick_tls(&chains, Some("c.example.com"), &[]).as_deref(),
+            Some("wide")
+        );
+        assert_eq!(
+            pick_tls(&chains, Some("x.y.example.com"), &[]).as_deref(),
+            Some("wide")
+        );
+        assert_eq!(
+            pick_tls(&chains, Some("x.b.example.com"), &[]).as_deref(),
+            Some("narrow")
+        );
+        // `*.example.com` does not match the bare domain.
+        assert_eq!(
+            pick_tls(&chains, Some("example.com"), &[]).as_deref(),
+            Some("none")
+        );
+        assert_eq!(pick_tls(&chains, None, &[]).as_deref(), Some("none"));
+        // Server names come before the transport protocol: no backtracking.
+        let chains = [
+            chain(
+                "sni-raw",
+                FilterChainMatch {
+                    transport_protocol: RAW_BUFFER.into(),
+                    ..names(&["a.example.com"])
+                },
+            ),
+            chain(
+                "tls",
+                FilterChainMatch {
+                    transport_protocol: "tls".into(),
+                    ..Default::default()
+                },
+            ),
+        ];
+        assert_eq!(pick_tls(&chains, Some("a.example.com"), &[]), None);
+        assert_eq!(
+            pick_tls(&chains, Some("b.example.com"), &[]).as_deref(),
+            Some("tls")
+        );
+    }
+
+    #[test]
+    fn application_protocols_match_any_offered_protocol() {
+        let alpn = |p: &[&str]| FilterChainMatch {
+            application_protocols: p.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let chains = [
+            chain("h2", alpn(&["h2"])),
+            chain("istio", alpn(&["istio-peer-exchange", "istio"])),
+            chain("any", FilterChainMatch::default()),
+        ];
+        assert_eq!(
+            pick_tls(&chains, None, &["h2", "http/1.1"]).as_deref(),
+            Some("h2")
+        );
+        assert_eq!(
+            pick_tls(&chains, None, &["istio"]).as_deref(),
+            Some("istio")
+        );
+        assert_eq!(
+            pick_tls(&chains, None, &["http/1.1"]).as_deref(),
+            Some("any")
+        );
+        assert_eq!(pick_tls(&chains, None, &[]).as_deref(), Some("any"));
     }
 
     #[test]

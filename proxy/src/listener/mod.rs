@@ -25,6 +25,7 @@
 pub mod drain;
 pub mod filter_chain;
 pub mod lds;
+pub mod tls_inspector;
 
 use std::collections::HashMap;
 use std::io;
@@ -52,6 +53,10 @@ pub struct ListenerStats {
     pub downstream_cx_total: Counter,
     pub downstream_cx_active: Gauge,
     pub no_filter_chain_match: Counter,
+    /// `downstream_pre_cx_timeout`: the TLS inspector timed out.
+    pub downstream_pre_cx_timeout: Counter,
+    /// `ssl.*` of the chains that terminate TLS.
+    pub ssl: crate::tls::SslStats,
 }
 
 /// What serves the connections of one filter chain.
@@ -64,7 +69,7 @@ pub enum ChainHandler {
 impl ChainHandler {
     async fn serve_connection(
         self,
-        stream: tokio::net::TcpStream,
+        stream: crate::tls::DownstreamStream,
         remote: SocketAddr,
         local: SocketAddr,
     ) {
@@ -139,10 +144,21 @@ impl ActiveListener {
 
     /// The handler of the chain a connection from `remote` accepted on `local` gets.
     pub fn handler_for(&self, local: SocketAddr, remote: SocketAddr) -> Option<&ChainHandler> {
-        let conn = filter_chain::ConnectionInfo { local, remote };
-        match filter_chain::select(&self.config.filter_chains, &conn) {
-            Some(i) => self.chains.get(i),
-            None => self.default_chain.as_ref(),
+        self.chain_for(&filter_chain::ConnectionInfo::raw(local, remote))
+            .map(|(h, _)| h)
+    }
+
+    /// The handler and configuration of the chain a connection gets.
+    pub fn chain_for(
+        &self,
+        conn: &filter_chain::ConnectionInfo<'_>,
+    ) -> Option<(&ChainHandler, &crate::config::listener::FilterChain)> {
+        match filter_chain::select(&self.config.filter_chains, conn) {
+            Some(i) => Some((self.chains.get(i)?, self.config.filter_chains.get(i)?)),
+            None => Some((
+                self.default_chain.as_ref()?,
+                self.config.default_filter_chain.as_ref()?,
+            )),
         }
     }
 
@@ -192,6 +208,14 @@ impl Source for ActiveListener {
             self.stats.no_filter_chain_match.get(),
             out,
         );
+        scope.counter(
+            "downstream_pre_cx_timeout",
+            self.stats.downstream_pre_cx_timeout.get(),
+            out,
+        );
+        if self.config.all_filter_chains().any(|fc| fc.tls.is_some()) {
+            self.stats.ssl.collect(&scope, out);
+        }
     }
 }
 
@@ -279,6 +303,8 @@ impl ListenerManager {
         });
         let weak: Weak<dyn Source> = Arc::downgrade(&lm) as Weak<dyn Source>;
         store.register_weak(weak);
+        // Local rate limit stats are shared by stat_prefix across every configuration.
+        store.register(Arc::new(crate::http::local_ratelimit::StatsSource));
         lm
     }
 
@@ -365,6 +391,24 @@ impl ListenerManager {
             });
             if let Err(e) = registered {
                 tracing::warn!(error = %e, "cannot register the RDS init target");
+            }
+        }
+        // Chains whose TLS context waits for SDS secrets keep the listener warming.
+        for (i, fc) in config.all_filter_chains().enumerate() {
+            let Some(tls) = fc.tls.clone() else { continue };
+            if tls.common.sds_refs().next().is_none() {
+                continue;
+            }
+            let registered =
+                init.add_target(format!("SDS secrets of filter chain {i}"), move |ready| {
+                    tokio::spawn(async move {
+                        let ok = crate::tls::sds::wait_ready(tls).await;
+                        tracing::info!(ready = ok, "listener TLS secrets initial fetch ended");
+                        ready.ready();
+                    });
+                });
+            if let Err(e) = registered {
+                tracing::warn!(error = %e, "cannot register the SDS init target");
             }
         }
         let listener = Arc::new(ActiveListener {
@@ -684,21 +728,55 @@ async fn accept_loop(
             accepted = socket.accept() => match accepted {
                 Ok((stream, remote)) => {
                     let local = stream.local_addr().unwrap_or_else(|_| listener.local_address());
-                    let Some(handler) = listener.handler_for(local, remote).cloned() else {
+                    let token = connections.clone();
+                    if listener.config.tls_inspector {
+                        // Inspecting waits for the ClientHello: off the accept loop.
+                        let listener = listener.clone();
+                        tokio::spawn(async move {
+                            let _token = token;
+                            let inspected = tokio::time::timeout(
+                                tls_inspector::TIMEOUT,
+                                tls_inspector::inspect(&stream),
+                            )
+                            .await;
+                            let inspected = match inspected {
+                                Ok(Ok(i)) => i,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%remote, error = %e, "TLS inspector: connection closed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    listener.stats.downstream_pre_cx_timeout.inc();
+                                    tracing::debug!(%remote, "TLS inspector timed out; closing the connection");
+                                    return;
+                                }
+                            };
+                            let conn = filter_chain::ConnectionInfo {
+                                local,
+                                remote,
+                                server_name: inspected.server_name.as_deref(),
+                                transport_protocol: inspected.transport_protocol,
+                                application_protocols: &inspected.application_protocols,
+                            };
+                            let chain = listener.chain_for(&conn).map(Chosen::new);
+                            serve(&listener, chain, stream, remote, local).await;
+                        });
+                        continue;
+                    }
+                    let chain = listener
+                        .chain_for(&filter_chain::ConnectionInfo::raw(local, remote))
+                        .map(Chosen::new);
+                    if chain.is_none() {
                         listener.stats.no_filter_chain_match.inc();
                         tracing::debug!(listener = %listener.name(), %remote, %local,
                             "no filter chain matches; closing the connection");
                         drop(stream);
                         continue;
-                    };
-                    listener.stats.downstream_cx_total.inc();
-                    let stats = listener.stats.clone();
-                    let token = connections.clone();
+                    }
+                    let listener = listener.clone();
                     tokio::spawn(async move {
                         let _token = token;
-                        stats.downstream_cx_active.inc();
-                        handler.serve_connection(stream, remote, local).await;
-                        stats.downstream_cx_active.dec();
+                        serve(&listener, chain, stream, remote, local).await;
                     });
                 }
                 Err(e) => {
@@ -711,6 +789,83 @@ async fn accept_loop(
     }
     tracing::info!(listener = %listener.name(), "listener stopped accepting");
     None
+}
+
+/// What a connection's filter chain needs once chosen (owned: the connection's task outlives
+/// the accept loop's borrow of the listener).
+struct Chosen {
+    handler: ChainHandler,
+    tls: Option<Arc<crate::config::tls::DownstreamTls>>,
+    rate_limit: Option<Arc<crate::config::local_ratelimit::ConnectionRateLimit>>,
+}
+
+impl Chosen {
+    fn new((handler, chain): (&ChainHandler, &crate::config::listener::FilterChain)) -> Self {
+        Self {
+            handler: handler.clone(),
+            tls: chain.tls.clone(),
+            rate_limit: chain.connection_rate_limit.clone(),
+        }
+    }
+}
+
+/// Serves one accepted connection on its chain: the connection rate limit first (Envoy's
+/// network filter acts when the connection is created, before any TLS byte), then TLS when
+/// the chain has a `DownstreamTlsContext`, then the chain's network filter.
+async fn serve(
+    listener: &ActiveListener,
+    chain: Option<Chosen>,
+    stream: tokio::net::TcpStream,
+    remote: SocketAddr,
+    local: SocketAddr,
+) {
+    let stats = &listener.stats;
+    let Some(Chosen {
+        handler,
+        tls,
+        rate_limit,
+    }) = chain
+    else {
+        stats.no_filter_chain_match.inc();
+        tracing::debug!(listener = %listener.name(), %remote, %local,
+            "no filter chain matches; closing the connection");
+        return;
+    };
+    stats.downstream_cx_total.inc();
+    if let Some(rl) = &rate_limit
+        && rl.enabled
+        && !rl.bucket.try_take()
+    {
+        rl.stats.rate_limited.inc();
+        tracing::debug!(listener = %listener.name(), %remote,
+            "connection rate limited (local_ratelimit); closing it");
+        return;
+    }
+    stats.downstream_cx_active.inc();
+    let stream = match tls {
+        None => Some(crate::tls::DownstreamStream::Plain(stream)),
+        Some(tls) => match tls.server_config.load_full() {
+            // Its SDS secrets never arrived (the listener warmed on initial_fetch_timeout).
+            None => {
+                stats.ssl.connection_error.inc();
+                tracing::debug!(listener = %listener.name(), %remote,
+                    "no TLS certificate yet (SDS); closing the connection");
+                None
+            }
+            Some(config) => match crate::tls::accept(config, stream, &stats.ssl).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::debug!(listener = %listener.name(), %remote, error = %e,
+                        "downstream TLS handshake failed");
+                    None
+                }
+            },
+        },
+    };
+    if let Some(stream) = stream {
+        handler.serve_connection(stream, remote, local).await;
+    }
+    stats.downstream_cx_active.dec();
 }
 
 /// Completes when the drain reaches `Closing` (or its sender is gone).

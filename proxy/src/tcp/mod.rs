@@ -21,12 +21,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::cluster::stream::UpstreamStream;
+use crate::tls::DownstreamStream;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::cluster::ClusterManager;
+use crate::cluster::outlier::Outcome as OutlierOutcome;
 use crate::cluster::pool::ConnectionGuard;
+use crate::cluster::pool::UpstreamError;
 use crate::config::listener::{TcpProxy as Config, TcpRoute};
 use crate::listener::drain::{Drain, Phase};
 use crate::stats::{Counter, Sample, Scope, Source};
@@ -113,7 +116,7 @@ impl TcpProxy {
     /// Proxies one downstream connection until both directions end (or it is closed).
     pub async fn serve_connection(
         self: Arc<Self>,
-        mut downstream: TcpStream,
+        downstream: DownstreamStream,
         remote: SocketAddr,
         _local: SocketAddr,
     ) {
@@ -124,15 +127,15 @@ impl TcpProxy {
             u = self.connect_upstream() => u,
             _ = phase.wait_for(|p| *p == Phase::Closing) => None,
         };
-        let Some((mut upstream, _guard)) = upstream else {
+        let Some((upstream, _guard)) = upstream else {
             tracing::debug!(%remote, stat_prefix = %self.config.stat_prefix,
                 "TCP proxy: no upstream connection; closing the downstream connection");
             return;
         };
         let start = Instant::now();
         let last_activity = AtomicU64::new(0);
-        let (dr, dw) = downstream.split();
-        let (ur, uw) = upstream.split();
+        let (dr, dw) = tokio::io::split(downstream);
+        let (ur, uw) = tokio::io::split(upstream);
         let copy = async {
             tokio::try_join!(
                 pipe(
@@ -175,7 +178,7 @@ impl TcpProxy {
         }
     }
 
-    async fn connect_upstream(&self) -> Option<(TcpStream, ConnectionGuard)> {
+    async fn connect_upstream(&self) -> Option<(UpstreamStream, ConnectionGuard)> {
         let cluster = self.cluster_name().and_then(|n| self.clusters.get(n));
         let Some(cluster) = cluster else {
             self.stats.downstream_cx_no_route.inc();
@@ -183,10 +186,20 @@ impl TcpProxy {
         };
         for attempt in 1..=self.config.max_connect_attempts {
             // Counts `upstream_cx_none_healthy` when it finds none.
-            let host = cluster.choose_host()?;
+            let host = cluster.choose_host(&crate::cluster::LbContext::default())?;
             match host.pool.connect_raw().await {
-                Ok(c) => return Some(c),
+                Ok(c) => {
+                    cluster.report_outcome(&host, OutlierOutcome::ConnectSuccessFinal);
+                    return Some(c);
+                }
+                // `max_connections` reached (`upstream_cx_overflow`): closed at once, as Envoy.
+                Err(UpstreamError::Overflow) => return None,
                 Err(e) => {
+                    let outcome = match e {
+                        UpstreamError::ConnectTimeout => OutlierOutcome::ConnectTimeout,
+                        _ => OutlierOutcome::ConnectFailed,
+                    };
+                    cluster.report_outcome(&host, outcome);
                     tracing::debug!(cluster = %cluster.name(), host = %host.address, attempt,
                         error = %e, "TCP proxy: upstream connection failed");
                 }
