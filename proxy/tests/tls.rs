@@ -483,6 +483,16 @@ async fn tls_backend(
     leaf: &Leaf,
     client_ca: Option<&Path>,
 ) -> (u16, tokio::task::JoinHandle<()>) {
+    tls_backend_offering(name, leaf, client_ca, &["h2", "http/1.1"]).await
+}
+
+/// [`tls_backend`] accepting only the ALPN protocols `alpn`.
+async fn tls_backend_offering(
+    name: &'static str,
+    leaf: &Leaf,
+    client_ca: Option<&Path>,
+    alpn: &[&str],
+) -> (u16, tokio::task::JoinHandle<()>) {
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("versions");
@@ -505,7 +515,7 @@ async fn tls_backend(
     let mut config = builder
         .with_single_cert(certs(&leaf.cert), key(&leaf.key))
         .expect("server config");
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("address").port();
@@ -704,6 +714,78 @@ async fn upstream_tls_verifies_the_server_and_names_the_cause_of_failures() {
         stat(&proxy, "cluster.expired.ssl.fail_verify_error").await,
         1
     );
+}
+
+/// `auto_config`: the upstream protocol is whatever the TLS handshake's ALPN picks (the proxy
+/// offers `h2,http/1.1` when the context sets no ALPN), HTTP/1.1 when the upstream picks
+/// none; each connection and request is counted under the protocol it used.
+#[tokio::test]
+async fn auto_config_follows_the_upstream_alpn() {
+    let pki = Pki::new("auto");
+    let leaf = pki.leaf("backend", &["backend.example.com"], false);
+    let (h2_port, _a) = tls_backend_offering("both", &leaf, None, &["h2", "http/1.1"]).await;
+    let (h1_port, _b) = tls_backend_offering("h1only", &leaf, None, &["http/1.1"]).await;
+    let (none_port, _c) = tls_backend_offering("noalpn", &leaf, None, &[]).await;
+    let ca = path(&pki.ca_file()).to_string();
+    let auto = "    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        auto_config: { http_protocol_options: {}, http2_protocol_options: {} }\n";
+    let validation = format!(
+        "        common_tls_context:\n          validation_context:\n            trusted_ca: {{ filename: \"{ca}\" }}\n"
+    );
+    let clusters = [
+        tls_cluster("both", h2_port, &validation, auto),
+        tls_cluster("h1only", h1_port, &validation, auto),
+        tls_cluster("noalpn", none_port, &validation, auto),
+    ]
+    .concat();
+    let routes: String = ["both", "h1only", "noalpn"]
+        .iter()
+        .map(|c| format!("  - match: {{ prefix: \"/{c}\" }}\n    route: {{ cluster: {c} }}\n"))
+        .collect();
+    let port = free_port();
+    let rc = format!("virtual_hosts:\n- name: all\n  domains: [\"*\"]\n  routes:\n{routes}");
+    let proxy = Proxy::start(&bootstrap(&[clusters], port, &rc), &[]);
+    proxy.wait_live().await;
+    for _ in 0..3 {
+        let r = get(port, "x", "/both").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert!(
+            r.text().starts_with("tls both sni=- alpn=h2"),
+            "{}",
+            r.text()
+        );
+        let r = get(port, "x", "/h1only").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert!(
+            r.text().starts_with("tls h1only sni=- alpn=http/1.1"),
+            "{}",
+            r.text()
+        );
+        let r = get(port, "x", "/noalpn").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert!(
+            r.text().starts_with("tls noalpn sni=- alpn=-"),
+            "{}",
+            r.text()
+        );
+    }
+    // One connection each, reused, under the negotiated protocol.
+    assert_eq!(
+        stat(&proxy, "cluster.both.upstream_cx_http2_total").await,
+        1
+    );
+    assert_eq!(
+        stat(&proxy, "cluster.both.upstream_cx_http1_total").await,
+        0
+    );
+    assert_eq!(
+        stat(&proxy, "cluster.h1only.upstream_cx_http1_total").await,
+        1
+    );
+    assert_eq!(
+        stat(&proxy, "cluster.noalpn.upstream_cx_http1_total").await,
+        1
+    );
+    assert_eq!(stat(&proxy, "cluster.both.upstream_rq_total").await, 3);
 }
 
 /// A TLS echo server (rustls): answers each read with `echo:` and the bytes.

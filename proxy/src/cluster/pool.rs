@@ -155,6 +155,9 @@ pub struct Pool {
     cluster_stats: Arc<ClusterStats>,
     idle: Mutex<Vec<h1::Conn>>,
     h2: Mutex<Option<H2Conn>>,
+    /// `auto_config`: the protocol the upstream's ALPN chose (0 not known yet, 1 HTTP/1.1,
+    /// 2 HTTP/2), learned on the first connection and kept for the host's life.
+    negotiated: std::sync::atomic::AtomicU8,
     waiters: Arc<Waiters>,
     /// This host's outlier detection counters (used only when the cluster has a detector).
     pub outlier: HostMonitor,
@@ -233,6 +236,7 @@ impl Pool {
             cluster_stats,
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
+            negotiated: std::sync::atomic::AtomicU8::new(0),
             waiters: Arc::default(),
             outlier: HostMonitor::default(),
         }
@@ -372,8 +376,16 @@ impl Pool {
         }
     }
 
+    /// The protocol requests are shaped for: for `auto_config` the one ALPN negotiated, or
+    /// HTTP/1.1 until the first connection tells (the pool reshapes if it turns out h2).
     pub fn protocol(&self) -> UpstreamProtocol {
-        self.settings.protocol
+        match self.settings.protocol {
+            UpstreamProtocol::Auto => match self.negotiated.load(Ordering::Acquire) {
+                2 => UpstreamProtocol::Http2,
+                _ => UpstreamProtocol::Http1,
+            },
+            p => p,
+        }
     }
 
     /// Sends a request (already in the form the protocol needs) and waits for the response
@@ -385,7 +397,47 @@ impl Pool {
         match self.settings.protocol {
             UpstreamProtocol::Http1 => self.send_http1(req).await,
             UpstreamProtocol::Http2 => self.send_http2(req).await,
+            UpstreamProtocol::Auto => {
+                if self.negotiated.load(Ordering::Acquire) == 0 {
+                    self.negotiate().await?;
+                }
+                let (mut parts, body) = req.into_parts();
+                if self.negotiated.load(Ordering::Acquire) == 2 {
+                    reshape_for_http2(&mut parts);
+                    self.send_http2(Request::from_parts(parts, body)).await
+                } else {
+                    reshape_for_http1(&mut parts);
+                    self.send_http1(Request::from_parts(parts, body)).await
+                }
+            }
         }
+    }
+
+    /// `auto_config`'s first connection: the TLS handshake's ALPN decides HTTP/2 (the
+    /// connection becomes the host's shared h2 connection) or HTTP/1.1 (it joins the idle
+    /// pool); no ALPN answer is HTTP/1.1, as in Envoy.
+    async fn negotiate(&self) -> Result<(), UpstreamError> {
+        let slot = self.claim_or_force();
+        let io = self.connect_tcp().await?;
+        if io.inner().alpn() == Some(b"h2") {
+            let sender = self.start_http2(io, slot).await?;
+            *lock(&self.h2) = Some(H2Conn {
+                sender,
+                created: Instant::now(),
+                requests: 0,
+                activity: Arc::new(H2Activity {
+                    active: AtomicU64::new(0),
+                    idle_since: Mutex::new(Instant::now()),
+                }),
+            });
+            self.negotiated.store(2, Ordering::Release);
+        } else {
+            self.cluster_stats.upstream_cx_http1_total.inc();
+            let conn = h1::Conn::new(io.into_inner(), self.connection_guard(slot));
+            self.negotiated.store(1, Ordering::Release);
+            self.release_http1(conn);
+        }
+        Ok(())
     }
 
     async fn send_http1(
@@ -676,6 +728,15 @@ impl Pool {
     async fn connect_http2(&self) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
         let slot = self.claim_or_force();
         let io = self.connect_tcp().await?;
+        self.start_http2(io, slot).await
+    }
+
+    /// The HTTP/2 handshake on a connected stream; the connection task owns the slot.
+    async fn start_http2(
+        &self,
+        io: TokioIo<UpstreamStream>,
+        slot: CxSlot,
+    ) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .handshake::<_, RequestBody>(io)
             .await
@@ -824,6 +885,38 @@ impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.host.cx_active.dec();
         self.cluster.upstream_cx_active.dec();
+    }
+}
+
+/// A request shaped for HTTP/1.1 (origin form + `Host`) reshaped for HTTP/2 (`:authority`
+/// in the URI, no `Host`), for an `auto_config` host that negotiated h2.
+fn reshape_for_http2(parts: &mut http::request::Parts) {
+    if parts.version == http::Version::HTTP_2 {
+        return;
+    }
+    parts.version = http::Version::HTTP_2;
+    let host = parts.headers.remove(http::header::HOST);
+    let authority = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    if let Ok(uri) = format!("http://{authority}{path}").parse() {
+        parts.uri = uri;
+    }
+}
+
+/// The other way round, for a request shaped before the negotiation said HTTP/1.1.
+fn reshape_for_http1(parts: &mut http::request::Parts) {
+    if parts.version != http::Version::HTTP_2 {
+        return;
+    }
+    parts.version = http::Version::HTTP_11;
+    if let Some(a) = parts.uri.authority()
+        && let Ok(v) = http::HeaderValue::from_str(a.as_str())
+    {
+        parts.headers.insert(http::header::HOST, v);
+    }
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    if let Ok(uri) = path.parse() {
+        parts.uri = uri;
     }
 }
 

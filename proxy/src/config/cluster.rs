@@ -151,6 +151,8 @@ pub enum UpstreamProtocol {
     #[default]
     Http1,
     Http2,
+    /// `auto_config`: HTTP/2 or HTTP/1.1 as the TLS handshake's ALPN decides (TLS only).
+    Auto,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -296,9 +298,26 @@ pub fn translate(c: &pb::Cluster, path: &Path, errors: &mut Errors) -> Option<Cl
     );
     let health_checks =
         super::health_check::translate(&c.health_checks, &path.field("health_checks"), errors);
+    // Envoy's default ALPN for auto_config when the TLS context sets none.
+    let default_alpn: &[&str] = if protocol == UpstreamProtocol::Auto {
+        &["h2", "http/1.1"]
+    } else {
+        &[]
+    };
     let tls = c.transport_socket.as_ref().and_then(|ts| {
-        super::tls::upstream_transport_socket(ts, &path.field("transport_socket"), errors)
+        super::tls::upstream_transport_socket(
+            ts,
+            default_alpn,
+            &path.field("transport_socket"),
+            errors,
+        )
     });
+    if protocol == UpstreamProtocol::Auto && tls.is_none() {
+        errors.push(
+            &path.field("typed_extension_protocol_options"),
+            "auto_config needs a TLS transport_socket: the upstream protocol is negotiated with ALPN (Envoy: \"ALPN configured for cluster which has a non-ALPN transport socket\")",
+        );
+    }
 
     let endpoints = match (&discovery, &c.load_assignment) {
         (Some(Discovery::Eds { .. }), Some(_)) => {
@@ -630,6 +649,11 @@ fn protocol(
                 pool,
             );
         }
+        if let Some(UpstreamProtocolOptions::AutoConfig(_)) = &options.upstream_protocol_options {
+            // Its HTTP/3 options and alternate protocol cache are rejected by the
+            // supported-subset check; the TLS requirement is checked with the transport socket.
+            protocol = UpstreamProtocol::Auto;
+        }
         // Other choices are rejected field by field by the supported-subset check.
         if let Some(UpstreamProtocolOptions::ExplicitHttpConfig(explicit)) =
             options.upstream_protocol_options
@@ -915,6 +939,32 @@ load_assignment:
             EndpointAddress::Ip("10.0.0.1:8080".parse().expect("addr"))
         );
         assert_eq!(c.endpoints[1].health, HealthStatus::Unhealthy);
+    }
+
+    #[test]
+    fn auto_config_needs_a_tls_transport_socket() {
+        let auto = r#"
+name: a
+typed_extension_protocol_options:
+  envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+    "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+    auto_config: { http2_protocol_options: {} }
+"#;
+        let errs = cluster(auto).expect_err("plaintext auto_config");
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(
+            errs[0].starts_with(
+                "cluster.typed_extension_protocol_options: auto_config needs a TLS transport_socket"
+            ),
+            "{errs:#?}"
+        );
+        let c = cluster(&format!(
+            "{auto}transport_socket:\n  name: envoy.transport_sockets.tls\n  typed_config:\n    \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n"
+        ))
+        .expect("auto_config over TLS");
+        assert_eq!(c.protocol, UpstreamProtocol::Auto);
+        let alpn = c.tls.as_ref().map(|t| t.common.alpn.clone());
+        assert_eq!(alpn, Some(vec!["h2".to_string(), "http/1.1".to_string()]));
     }
 
     #[test]

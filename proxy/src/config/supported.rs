@@ -272,7 +272,15 @@ const SUPPORTED: &[(&str, &[&str])] = &[
     ),
     (
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        &["explicit_http_config", "common_http_protocol_options"],
+        &[
+            "explicit_http_config",
+            "auto_config",
+            "common_http_protocol_options",
+        ],
+    ),
+    (
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.AutoHttpConfig",
+        &["http_protocol_options", "http2_protocol_options"],
     ),
     (
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig",
@@ -725,10 +733,6 @@ const HINTS: &[(&str, &str)] = &[
     (
         "match_subject_alt_names",
         "use match_typed_subject_alt_names",
-    ),
-    (
-        "auto_config",
-        "the ALPN-negotiated upstream protocol is not implemented yet; use explicit_http_config (with alpn_protocols: [h2] for HTTP/2 over TLS)",
     ),
     (
         "request_mirror_policies",

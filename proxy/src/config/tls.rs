@@ -145,8 +145,11 @@ pub fn downstream_transport_socket(
 }
 
 /// A cluster's `transport_socket`: `None` for plaintext (`raw_buffer` or unset).
+/// `default_alpn` is offered when the context sets no `alpn_protocols` (`auto_config`'s
+/// `h2,http/1.1`).
 pub fn upstream_transport_socket(
     ts: &core::TransportSocket,
+    default_alpn: &[&str],
     path: &Path,
     errors: &mut Errors,
 ) -> Option<Arc<UpstreamTls>> {
@@ -163,7 +166,13 @@ pub fn upstream_transport_socket(
         );
         return None;
     }
-    let ctx = decode::<pb::UpstreamTlsContext>(any, &tpath, errors)?;
+    let mut ctx = decode::<pb::UpstreamTlsContext>(any, &tpath, errors)?;
+    if !default_alpn.is_empty() {
+        let common = ctx.common_tls_context.get_or_insert_default();
+        if common.alpn_protocols.is_empty() {
+            common.alpn_protocols = default_alpn.iter().map(|p| p.to_string()).collect();
+        }
+    }
     upstream(&ctx, &tpath, errors)
 }
 

@@ -776,7 +776,8 @@ fn set_target(
     path: &str,
 ) -> Result<(), &'static str> {
     let uri = match protocol {
-        UpstreamProtocol::Http1 => {
+        // A pool answers `Auto` only as the protocol it negotiated; HTTP/1.1 until it knows.
+        UpstreamProtocol::Http1 | UpstreamProtocol::Auto => {
             parts.version = Version::HTTP_11;
             let h = HeaderValue::from_str(authority).map_err(|_| "invalid host")?;
             parts.headers.insert(header::HOST, h);
