@@ -1264,6 +1264,86 @@ filter_chains:
         ))
     }
 
+    /// A bootstrap (static) cluster with SDS secrets holds the server's initialization until
+    /// they arrive, as Envoy's secret providers hold its init manager.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn static_clusters_hold_initialization_until_their_sds_secrets_arrive() {
+        let pki = Pki::new("sds-static");
+        let server = pki.leaf("server", &["backend.example.com"], false);
+        let client = pki.leaf(
+            "client",
+            &["spiffe://cluster.local/ns/default/sa/proxy"],
+            false,
+        );
+        let (backend_port, _task) = tls_backend("mtls", &server, Some(&pki.ca_file())).await;
+        let source = Arc::new(Source {
+            items: Mutex::new(BTreeMap::new()),
+            changes: watch::channel(0).0,
+        });
+        let socket = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let xds_port = socket.local_addr().expect("addr").port();
+        let xds = XdsServer::new(source.clone());
+        tokio::spawn(async move {
+            let _ = xds.serve(socket, std::future::pending::<()>()).await;
+        });
+        let port = free_port();
+        source.put(LISTENER_TYPE, "out", routing_listener(port));
+        // The two SDS clusters of `sds_cluster`, as static resources of the bootstrap.
+        let statics: String = [
+            ("backend", "backend.example.com"),
+            ("wrong-san", "other.example.com"),
+        ]
+        .iter()
+        .map(|(name, san)| {
+            let any = sds_cluster(name, backend_port, san);
+            let c: envoy_types::pb::envoy::config::cluster::v3::Cluster =
+                prost::Message::decode(any.value.as_slice()).expect("cluster");
+            let json = serde_json::to_string(&capstan_proto::to_json(&c).expect("json"))
+                .expect("json text");
+            format!("  - {json}\n")
+        })
+        .collect();
+        let bootstrap = ads_bootstrap(xds_port).replace(
+            "static_resources:\n  clusters:\n",
+            &format!("static_resources:\n  clusters:\n{statics}"),
+        );
+        let proxy = Proxy::start(&bootstrap, &[]);
+        assert!(
+            eventually(Duration::from_secs(10), async || proxy
+                .ready()
+                .await
+                .is_some())
+            .await
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (status, state) = proxy.ready().await.expect("ready answers");
+        assert_ne!(
+            status,
+            StatusCode::OK,
+            "LIVE before the cluster's secrets: {state}"
+        );
+        let dump = proxy.admin_get("/init_dump").await.text();
+        assert!(dump.contains("cluster backend SDS secrets"), "{dump}");
+
+        source.put(
+            SECRET_TYPE,
+            "kubernetes://default/client",
+            named_secret("kubernetes://default/client", &client.cert, &client.key),
+        );
+        source.put(
+            SECRET_TYPE,
+            "kubernetes://default/client/ca.crt",
+            ca_secret("kubernetes://default/client/ca.crt", &pki.ca_file()),
+        );
+        proxy.wait_live().await;
+        let ok = get(port, "x", "/").await;
+        assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+        assert_eq!(
+            ok.text(),
+            "tls mtls sni=backend.example.com alpn=- client-cert=true"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn clusters_warm_until_their_sds_secrets_arrive_and_then_use_them() {
         let pki = Pki::new("sds-upstream");

@@ -691,6 +691,26 @@ impl ClusterManager {
                 format!("cluster {} ({})", config.name, config.discovery.name()),
                 move |h| c.initialize(h, eds),
             )?;
+            // A TLS context with SDS secrets holds initialization until they arrive (or their
+            // initial_fetch_timeout passes), as Envoy's secret providers hold its init
+            // manager; in the secondary phase, with ADS running.
+            if let Some(tls) = config.tls.clone()
+                && tls.common.sds_refs().next().is_some()
+            {
+                let name = config.name.clone();
+                phases.secondary.add_target(
+                    format!("cluster {} SDS secrets", config.name),
+                    move |h| {
+                        tokio::spawn(async move {
+                            if !crate::tls::sds::wait_ready(tls).await {
+                                tracing::warn!(cluster = %name,
+                                    "SDS secrets did not arrive within initial_fetch_timeout; TLS connections fail until they do");
+                            }
+                            h.ready();
+                        });
+                    },
+                )?;
+            }
             // Held until the first health-check round is over (at once without health checks).
             let c = cluster.clone();
             phases.health_check.add_target(
