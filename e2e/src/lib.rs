@@ -11,6 +11,7 @@ pub mod backend;
 pub mod client;
 pub mod fake_kube;
 pub mod fixtures;
+pub mod pki;
 pub mod process;
 
 /// Polls `check` every 50 ms until it returns `Some`, or panics with `what` after `timeout`.
