@@ -19,9 +19,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
@@ -32,13 +30,13 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
     ServerConfig, SignatureScheme, SupportedProtocolVersion,
 };
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::tls::{CommonTls, SanMatcher, SanType, TlsCertificate, TlsVersion, UpstreamTls};
 use crate::stats::{Counter, Sample, Scope};
 
 pub mod sds;
+pub mod stream;
 
 /// Checks that a certificate chain and its key belong together (an SDS secret is NACKed
 /// otherwise).
@@ -476,19 +474,7 @@ pub async fn accept(
 }
 
 /// A downstream connection: plaintext or TLS-terminated.
-pub enum DownstreamStream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-}
-
-impl std::fmt::Debug for DownstreamStream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DownstreamStream::Plain(_) => f.write_str("DownstreamStream::Plain"),
-            DownstreamStream::Tls(_) => f.write_str("DownstreamStream::Tls"),
-        }
-    }
-}
+pub type DownstreamStream = stream::MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
 
 impl DownstreamStream {
     pub fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
@@ -507,64 +493,6 @@ impl DownstreamStream {
         match self {
             DownstreamStream::Plain(_) => None,
             DownstreamStream::Tls(s) => s.get_ref().1.alpn_protocol(),
-        }
-    }
-}
-
-impl AsyncRead for DownstreamStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            DownstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            DownstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for DownstreamStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            DownstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            DownstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            DownstreamStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            DownstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            DownstreamStream::Plain(s) => s.is_write_vectored(),
-            DownstreamStream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            DownstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            DownstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            DownstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            DownstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
