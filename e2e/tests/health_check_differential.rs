@@ -9,15 +9,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use capstan_e2e::client;
-use capstan_e2e::process::{PATIENCE, envoy_binary, free_port, temp_dir, wait_live, workspace_bin};
+use capstan_e2e::process::{PATIENCE, Peer, free_port, start_static_peer, temp_dir};
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -25,36 +23,6 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
-
-/// A child process killed on drop, its output in a log file.
-struct Running {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Running {
-    fn start(name: &str, mut cmd: Command, dir: &Path) -> Self {
-        let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).expect("create log file");
-        let err = out.try_clone().expect("clone log file");
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Self { child, log }
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// An HTTP backend: `/healthz` answers the switchable status, anything else 200 with
 /// `x-backend: <name>`.
@@ -210,47 +178,25 @@ async fn wait_flags(admin: u16, want: &BTreeMap<u16, String>) -> bool {
 
 #[tokio::test]
 async fn a_flapping_host_leaves_and_rejoins_the_rotation_as_in_envoy() {
-    let Some(envoy) = envoy_binary() else {
-        eprintln!("envoy is not on PATH; differential health-check test not run");
-        return;
-    };
     let work = temp_dir("hc-differential");
     let (a, _) = backend("a").await;
     let (b, b_status) = backend("b").await;
-
-    let (envoy_admin, envoy_port) = (free_port(), free_port());
-    let envoy_bootstrap = work.join("envoy.yaml");
-    std::fs::write(&envoy_bootstrap, bootstrap(envoy_admin, envoy_port, a, b))
-        .expect("write bootstrap");
-    let mut cmd = Command::new(envoy);
-    cmd.arg("-c")
-        .arg(&envoy_bootstrap)
-        .args(["--concurrency", "1", "--log-level", "warn"])
-        .args(["--drain-time-s", "1", "--disable-hot-restart"]);
-    let envoy = Running::start("envoy", cmd, &work);
-
-    let (proxy_admin, proxy_port) = (free_port(), free_port());
-    let proxy_bootstrap = work.join("capstan-proxy.yaml");
-    std::fs::write(&proxy_bootstrap, bootstrap(proxy_admin, proxy_port, a, b))
-        .expect("write bootstrap");
-    let mut cmd = Command::new(workspace_bin("capstan-proxy", "capstan-proxy"));
-    cmd.arg("-c")
-        .arg(&proxy_bootstrap)
-        .args(["--concurrency", "1", "--log-level", "warn"])
-        .args(["--drain-time-s", "1"])
-        .args(["--readiness-address", &format!("127.0.0.1:{}", free_port())]);
-    let proxy = Running::start("capstan-proxy", cmd, &work);
-
-    assert!(
-        wait_live(([127, 0, 0, 1], envoy_admin).into()).await,
-        "envoy did not become LIVE:\n{}",
-        envoy.logs()
-    );
-    assert!(
-        wait_live(([127, 0, 0, 1], proxy_admin).into()).await,
-        "capstan-proxy did not become LIVE:\n{}",
-        proxy.logs()
-    );
+    let envoy_port = free_port();
+    let Some(envoy) = start_static_peer(Peer::Envoy, &work, |admin| {
+        bootstrap(admin, envoy_port, a, b)
+    })
+    .await
+    else {
+        eprintln!("envoy is not on PATH; differential health-check test not run");
+        return;
+    };
+    let proxy_port = free_port();
+    let proxy = start_static_peer(Peer::Capstan, &work, |admin| {
+        bootstrap(admin, proxy_port, a, b)
+    })
+    .await
+    .expect("capstan-proxy starts");
+    let (envoy_admin, proxy_admin) = (envoy.admin.port(), proxy.admin.port());
     let peers = [
         ("envoy", envoy_admin, envoy_port),
         ("capstan-proxy", proxy_admin, proxy_port),

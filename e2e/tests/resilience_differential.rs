@@ -13,14 +13,13 @@
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU16, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use capstan_e2e::client;
-use capstan_e2e::process::{envoy_binary, free_port, temp_dir, wait_live, workspace_bin};
+use capstan_e2e::process::{self, Peer, free_port, start_static_peer, temp_dir};
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -28,36 +27,6 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
-
-/// A child process killed on drop, its output in a log file.
-struct Running {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Running {
-    fn start(name: &str, mut cmd: Command, dir: &Path) -> Self {
-        let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).expect("create log file");
-        let err = out.try_clone().expect("clone log file");
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Self { child, log }
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// An HTTP upstream: answers the switchable status after `delay`, counting requests and
 /// those in flight.
@@ -125,7 +94,7 @@ struct Side {
     good: Upstream,
     bad: Upstream,
     slow: Upstream,
-    process: Running,
+    process: process::Envoy,
 }
 
 fn cluster(name: &str, port: u16, extra: &str) -> String {
@@ -181,54 +150,32 @@ static_resources:
     )
 }
 
-async fn start_side(name: &'static str, binary: PathBuf, work: &Path) -> Side {
+async fn start_side(peer: Peer, work: &Path) -> Option<Side> {
     let good = Upstream::start(200, Duration::ZERO).await;
     let bad = Upstream::start(500, Duration::ZERO).await;
     let slow = Upstream::start(200, Duration::from_millis(1500)).await;
-    let (admin, port) = (free_port(), free_port());
-    let path = work.join(format!("{name}.yaml"));
-    std::fs::write(
-        &path,
-        bootstrap(admin, port, good.port, bad.port, slow.port),
-    )
-    .expect("write bootstrap");
-    let mut cmd = Command::new(binary);
-    cmd.arg("-c")
-        .arg(&path)
-        .args(["--concurrency", "1", "--log-level", "warn"])
-        .args(["--drain-time-s", "1"]);
-    if name == "envoy" {
-        cmd.arg("--disable-hot-restart");
-    } else {
-        cmd.args(["--readiness-address", &format!("127.0.0.1:{}", free_port())]);
-    }
-    let process = Running::start(name, cmd, work);
-    assert!(
-        wait_live(([127, 0, 0, 1], admin).into()).await,
-        "{name} did not become LIVE:\n{}",
-        process.logs()
-    );
-    Side {
-        name,
-        admin,
+    let port = free_port();
+    let process = start_static_peer(peer, work, |admin| {
+        bootstrap(admin, port, good.port, bad.port, slow.port)
+    })
+    .await?;
+    Some(Side {
+        name: peer.name(),
+        admin: process.admin.port(),
         port,
         good,
         bad,
         slow,
         process,
-    }
+    })
 }
 
 async fn start_both(tag: &str) -> Option<(Side, Side, PathBuf)> {
-    let envoy = envoy_binary()?;
     let work = temp_dir(tag);
-    let e = start_side("envoy", envoy, &work).await;
-    let p = start_side(
-        "capstan-proxy",
-        workspace_bin("capstan-proxy", "capstan-proxy"),
-        &work,
-    )
-    .await;
+    let e = start_side(Peer::Envoy, &work).await?;
+    let p = start_side(Peer::Capstan, &work)
+        .await
+        .expect("capstan-proxy starts");
     Some((e, p, work))
 }
 
@@ -268,7 +215,7 @@ async fn compare(e: &Side, p: &Side, names: &[String]) {
         proxy,
         envoy,
         "stats differ (left: capstan-proxy, right: Envoy)\ncapstan-proxy log:\n{}",
-        p.process.logs()
+        p.process.proc.logs()
     );
 }
 
@@ -390,7 +337,7 @@ async fn overflow(side: &Side, path: &'static str, n: usize) -> (u16, Vec<(u16, 
             "{}: the first request {path} did not reach the upstream: {:?}\n{}",
             side.name,
             first.map(|r| (r.status, r.body)),
-            side.process.logs()
+            side.process.proc.logs()
         );
     }
     let rest: Vec<_> = (0..n)

@@ -8,45 +8,13 @@
 //! Needs `envoy` on PATH (scripts/test.sh installs it); under `CI=true` its absence fails.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use capstan_e2e::process::{envoy_binary, free_port, temp_dir, wait_live, workspace_bin};
+use capstan_e2e::process::{Peer, free_port, start_static_peer, temp_dir};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
 
 const TCP: &str = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
-
-/// A child process killed on drop, its output in a log file.
-struct Running {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Running {
-    fn start(name: &str, mut cmd: Command, dir: &Path) -> Self {
-        let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).expect("create log file");
-        let err = out.try_clone().expect("clone log file");
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Self { child, log }
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// An echo backend: greets with `<name>\n`, echoes, answers end of stream with `bye <name>\n`
 /// and closes.
@@ -206,54 +174,26 @@ async fn observe_all(port: u16) -> Vec<Seen> {
 
 #[tokio::test]
 async fn tcp_chains_select_the_same_backend_as_envoy() {
-    let Some(envoy) = envoy_binary() else {
-        eprintln!("envoy is not on PATH; differential TCP test not run");
-        return;
-    };
     let work = temp_dir("tcp-differential");
     let a = echo_backend("a").await;
     let b = echo_backend("b").await;
     let dead = free_port();
-
-    let (envoy_admin, envoy_port) = (free_port(), free_port());
-    let envoy_bootstrap = work.join("envoy.yaml");
-    std::fs::write(
-        &envoy_bootstrap,
-        bootstrap(envoy_admin, envoy_port, a, b, dead),
-    )
-    .expect("write bootstrap");
-    let mut cmd = Command::new(envoy);
-    cmd.arg("-c")
-        .arg(&envoy_bootstrap)
-        .args(["--concurrency", "1", "--log-level", "warn"])
-        .args(["--drain-time-s", "1", "--disable-hot-restart"]);
-    let envoy = Running::start("envoy", cmd, &work);
-
-    let (proxy_admin, proxy_port) = (free_port(), free_port());
-    let proxy_bootstrap = work.join("capstan-proxy.yaml");
-    std::fs::write(
-        &proxy_bootstrap,
-        bootstrap(proxy_admin, proxy_port, a, b, dead),
-    )
-    .expect("write bootstrap");
-    let mut cmd = Command::new(workspace_bin("capstan-proxy", "capstan-proxy"));
-    cmd.arg("-c")
-        .arg(&proxy_bootstrap)
-        .args(["--concurrency", "1", "--log-level", "warn"])
-        .args(["--drain-time-s", "1"])
-        .args(["--readiness-address", &format!("127.0.0.1:{}", free_port())]);
-    let proxy = Running::start("capstan-proxy", cmd, &work);
-
-    assert!(
-        wait_live(([127, 0, 0, 1], envoy_admin).into()).await,
-        "envoy did not become LIVE:\n{}",
-        envoy.logs()
-    );
-    assert!(
-        wait_live(([127, 0, 0, 1], proxy_admin).into()).await,
-        "capstan-proxy did not become LIVE:\n{}",
-        proxy.logs()
-    );
+    let envoy_port = free_port();
+    let Some(envoy) = start_static_peer(Peer::Envoy, &work, |admin| {
+        bootstrap(admin, envoy_port, a, b, dead)
+    })
+    .await
+    else {
+        eprintln!("envoy is not on PATH; differential TCP test not run");
+        return;
+    };
+    let proxy_port = free_port();
+    let proxy = start_static_peer(Peer::Capstan, &work, |admin| {
+        bootstrap(admin, proxy_port, a, b, dead)
+    })
+    .await
+    .expect("capstan-proxy starts");
+    let (envoy_admin, proxy_admin) = (envoy.admin.port(), proxy.admin.port());
 
     let through_envoy = observe_all(envoy_port).await;
     let through_proxy = observe_all(proxy_port).await;

@@ -8,12 +8,11 @@
 //! Needs `envoy` on PATH (scripts/test.sh installs it); under `CI=true` its absence fails.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use capstan_e2e::process::{envoy_binary, free_port, temp_dir, wait_live, workspace_bin};
+use capstan_e2e::process::{Peer, free_port, start_static_peer, temp_dir};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{
@@ -24,35 +23,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::{TcpListener, TcpStream};
 
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
-
-struct Running {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Running {
-    fn start(name: &str, mut cmd: Command, dir: &Path) -> Self {
-        let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).expect("create log file");
-        let err = out.try_clone().expect("clone log file");
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Self { child, log }
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn ca_params(name: &str) -> CertificateParams {
     let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
@@ -416,10 +386,6 @@ fn stat(stats: &str, name: &str) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_termination_sni_mtls_and_upstream_verification_match_envoy() {
-    let Some(envoy) = envoy_binary() else {
-        eprintln!("envoy is not on PATH; differential TLS test not run");
-        return;
-    };
     let work = temp_dir("tls-differential");
     let pki = Pki::new(&work, "front");
     let stranger = Pki::new(&work, "stranger");
@@ -451,34 +417,15 @@ async fn tls_termination_sni_mtls_and_upstream_verification_match_envoy() {
 
     let mut ports = Vec::new();
     let mut running = Vec::new();
-    for name in ["envoy", "capstan-proxy"] {
-        let (admin, listener) = (free_port(), free_port());
-        let file = work.join(format!("{name}.yaml"));
-        std::fs::write(&file, bootstrap(admin, listener, &setup)).expect("write bootstrap");
-        let mut cmd = if name == "envoy" {
-            let mut c = Command::new(&envoy);
-            c.args(["--disable-hot-restart"]);
-            c
-        } else {
-            let mut c = Command::new(workspace_bin("capstan-proxy", "capstan-proxy"));
-            c.args(["--readiness-address", &format!("127.0.0.1:{}", free_port())]);
-            c
+    for peer in [Peer::Envoy, Peer::Capstan] {
+        let listener = free_port();
+        let Some(r) =
+            start_static_peer(peer, &work, |admin| bootstrap(admin, listener, &setup)).await
+        else {
+            eprintln!("envoy is not on PATH; differential TLS test not run");
+            return;
         };
-        cmd.arg("-c").arg(&file).args([
-            "--concurrency",
-            "1",
-            "--log-level",
-            "warn",
-            "--drain-time-s",
-            "1",
-        ]);
-        let r = Running::start(name, cmd, &work);
-        assert!(
-            wait_live(([127, 0, 0, 1], admin).into()).await,
-            "{name} did not become LIVE:\n{}",
-            r.logs()
-        );
-        ports.push((admin, listener));
+        ports.push((r.admin.port(), listener));
         running.push(r);
     }
 
