@@ -414,3 +414,38 @@ async fn clusters_with_explicit_http2_speak_h2c_upstream() {
         "cluster.h2.upstream_cx_http2_total: 1\ncluster.h2.upstream_cx_total: 1\n"
     );
 }
+
+/// `use_downstream_protocol_config`: each request goes upstream over the protocol it came
+/// in on (HTTP/1.1 or h2c), on one connection per protocol.
+#[tokio::test]
+async fn use_downstream_protocol_follows_each_request() {
+    let backend = Backend::start("both").await;
+    let cluster = static_cluster(
+        "follow",
+        &[backend.port()],
+        "    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        use_downstream_protocol_config: { http_protocol_options: {}, http2_protocol_options: {} }\n",
+    );
+    let port = free_port();
+    let rc = "virtual_hosts:\n- name: all\n  domains: [\"*\"]\n  routes:\n  - { match: { prefix: \"/\" }, route: { cluster: follow } }\n";
+    let proxy = Proxy::start(&bootstrap(&[cluster], port, rc), &[]);
+    proxy.wait_live().await;
+    let client = http1_client();
+    for _ in 0..2 {
+        let r = get_with(&client, port, "x", "/one", &[]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["version"], "HTTP/1.1");
+    }
+    for r in h2_get(port, "x", "/two", 2).await {
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["version"], "HTTP/2.0");
+        assert_eq!(r.json()["host"], "x");
+    }
+    let stats = proxy
+        .admin_get("/stats?filter=^cluster\\.follow\\.upstream_cx_http[12]_total$")
+        .await
+        .text();
+    assert_eq!(
+        stats,
+        "cluster.follow.upstream_cx_http1_total: 1\ncluster.follow.upstream_cx_http2_total: 1\n"
+    );
+}

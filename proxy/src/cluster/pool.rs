@@ -379,7 +379,17 @@ impl Pool {
     /// The protocol requests are shaped for: for `auto_config` the one ALPN negotiated, or
     /// HTTP/1.1 until the first connection tells (the pool reshapes if it turns out h2).
     pub fn protocol(&self) -> UpstreamProtocol {
+        self.protocol_for(http::Version::HTTP_11)
+    }
+
+    /// [`Pool::protocol`] for a request that came downstream over `downstream`
+    /// (`use_downstream_protocol_config` follows it).
+    pub fn protocol_for(&self, downstream: http::Version) -> UpstreamProtocol {
         match self.settings.protocol {
+            UpstreamProtocol::UseDownstream if downstream == http::Version::HTTP_2 => {
+                UpstreamProtocol::Http2
+            }
+            UpstreamProtocol::UseDownstream => UpstreamProtocol::Http1,
             UpstreamProtocol::Auto => match self.negotiated.load(Ordering::Acquire) {
                 2 => UpstreamProtocol::Http2,
                 _ => UpstreamProtocol::Http1,
@@ -397,6 +407,11 @@ impl Pool {
         match self.settings.protocol {
             UpstreamProtocol::Http1 => self.send_http1(req).await,
             UpstreamProtocol::Http2 => self.send_http2(req).await,
+            // The router shaped the request for the protocol `protocol_for` gave it.
+            UpstreamProtocol::UseDownstream if req.version() == http::Version::HTTP_2 => {
+                self.send_http2(req).await
+            }
+            UpstreamProtocol::UseDownstream => self.send_http1(req).await,
             UpstreamProtocol::Auto => {
                 if self.negotiated.load(Ordering::Acquire) == 0 {
                     self.negotiate().await?;

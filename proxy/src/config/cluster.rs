@@ -153,6 +153,8 @@ pub enum UpstreamProtocol {
     Http2,
     /// `auto_config`: HTTP/2 or HTTP/1.1 as the TLS handshake's ALPN decides (TLS only).
     Auto,
+    /// `use_downstream_protocol_config`: the protocol of each request's downstream connection.
+    UseDownstream,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -648,6 +650,13 @@ fn protocol(
                 errors,
                 pool,
             );
+        }
+        if let Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(_)) =
+            &options.upstream_protocol_options
+        {
+            // As Envoy: an HTTP/2 request goes upstream over HTTP/2 even without
+            // http2_protocol_options (they only tune the codec).
+            protocol = UpstreamProtocol::UseDownstream;
         }
         if let Some(UpstreamProtocolOptions::AutoConfig(_)) = &options.upstream_protocol_options {
             // Its HTTP/3 options and alternate protocol cache are rejected by the

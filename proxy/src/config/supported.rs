@@ -275,8 +275,13 @@ const SUPPORTED: &[(&str, &[&str])] = &[
         &[
             "explicit_http_config",
             "auto_config",
+            "use_downstream_protocol_config",
             "common_http_protocol_options",
         ],
+    ),
+    (
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.UseDownstreamHttpConfig",
+        &["http_protocol_options", "http2_protocol_options"],
     ),
     (
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.AutoHttpConfig",

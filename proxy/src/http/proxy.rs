@@ -312,9 +312,10 @@ impl HttpConnectionManager {
             parts.headers.insert(header::UPGRADE, kind.clone());
         }
         let mirror_parts = parts.clone();
+        let upstream_protocol = host.pool.protocol_for(parts.version);
         if let Err(e) = set_target(
             &mut parts,
-            host.pool.protocol(),
+            upstream_protocol,
             &upstream_authority,
             &upstream_path,
         ) {
@@ -323,7 +324,7 @@ impl HttpConnectionManager {
 
         let cluster_stats = cluster.stats();
         if let Some((kind, downstream)) = upgrade {
-            if host.pool.protocol() != UpstreamProtocol::Http1 {
+            if upstream_protocol != UpstreamProtocol::Http1 {
                 // WebSocket over HTTP/2 upstreams (extended CONNECT) is not implemented.
                 return LocalReply::UpgradeFailed.into_response();
             }
@@ -689,7 +690,8 @@ impl HttpConnectionManager {
             let Some(host) = cluster.choose_host(&crate::cluster::LbContext::default()) else {
                 return;
             };
-            if set_target(&mut parts, host.pool.protocol(), &authority, &path).is_err() {
+            let protocol = host.pool.protocol_for(parts.version);
+            if set_target(&mut parts, protocol, &authority, &path).is_err() {
                 return;
             }
             let stats = cluster.stats().clone();
@@ -776,8 +778,9 @@ fn set_target(
     path: &str,
 ) -> Result<(), &'static str> {
     let uri = match protocol {
-        // A pool answers `Auto` only as the protocol it negotiated; HTTP/1.1 until it knows.
-        UpstreamProtocol::Http1 | UpstreamProtocol::Auto => {
+        // A pool answers `Auto` / `UseDownstream` only as the protocol a request gets
+        // (`Pool::protocol_for`); never reached with them.
+        UpstreamProtocol::Http1 | UpstreamProtocol::Auto | UpstreamProtocol::UseDownstream => {
             parts.version = Version::HTTP_11;
             let h = HeaderValue::from_str(authority).map_err(|_| "invalid host")?;
             parts.headers.insert(header::HOST, h);
