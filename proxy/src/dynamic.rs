@@ -29,7 +29,7 @@ use envoy_types::pb::envoy::config::route::v3 as route_pb;
 use envoy_types::pb::google::protobuf::Any;
 use prost::{Message, Name};
 
-use crate::cluster::cds::EdsSource;
+use crate::cluster::cds::{Assignment, EdsSource};
 use crate::cluster::{ClusterManager, ResolvedEndpoint};
 use crate::config::cluster::{self as cluster_cfg, Discovery, EndpointAddress};
 use crate::config::errors::{Errors, Path};
@@ -185,18 +185,26 @@ impl DynamicConfig {
             let mut errors = Errors::new();
             if let Some(cla) = decode::<endpoint_pb::ClusterLoadAssignment>(any, &mut errors) {
                 let endpoints = assignment(&cla, &mut errors);
-                translated.push((name.clone(), endpoints));
+                let overprovisioning_factor =
+                    cluster_cfg::overprovisioning_factor(&cla, &Path::root(), &mut errors);
+                translated.push((
+                    name.clone(),
+                    Assignment {
+                        endpoints,
+                        overprovisioning_factor,
+                    },
+                ));
             }
             collect(&mut problems, "ClusterLoadAssignment", name, &errors);
         }
         if !problems.is_empty() {
             return Err(problems.join("; "));
         }
-        for (name, endpoints) in translated {
-            self.clusters.apply_eds(&name, endpoints);
+        for (name, a) in translated {
+            self.clusters.apply_eds(&name, a);
         }
         for name in removed {
-            self.clusters.apply_eds(&name, Vec::new());
+            self.clusters.apply_eds(&name, Assignment::default());
         }
         Ok(())
     }
@@ -451,19 +459,6 @@ pub fn assignment(
     errors: &mut Errors,
 ) -> Vec<ResolvedEndpoint> {
     supported::check(cla, &Path::root(), errors);
-    if cla
-        .policy
-        .as_ref()
-        .is_some_and(|p| p.overprovisioning_factor.is_some())
-    {
-        // The factor is per cluster here (from its inline assignment), not per EDS update.
-        errors.push(
-            &Path::root()
-                .field("policy")
-                .field("overprovisioning_factor"),
-            "unsupported field (overprovisioning_factor in EDS assignments is not implemented yet)",
-        );
-    }
     let discovery = Discovery::Eds {
         service_name: cla.cluster_name.clone(),
         initial_fetch_timeout: None,
@@ -551,7 +546,6 @@ endpoints:
     fn unsupported_assignment_fields_are_named() {
         let errs = cla(r#"
 cluster_name: web
-policy: { overprovisioning_factor: 140 }
 endpoints:
 - priority: 300
   lb_endpoints:
@@ -560,7 +554,6 @@ endpoints:
 "#)
         .expect_err("invalid");
         let expected = [
-            "policy.overprovisioning_factor: unsupported field (overprovisioning_factor in EDS assignments is not implemented yet)",
             "endpoints[0].priority: 300 is above the largest supported priority 127",
             "endpoints[0].lb_endpoints[0].load_balancing_weight: must be at least 1",
             "endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address: malformed IP address \"web.local\" (EDS clusters need IP addresses)",

@@ -25,6 +25,13 @@ use super::{Cluster, ClusterManager, ResolvedEndpoint, lock};
 use crate::config::cluster::{self as model, Discovery};
 use crate::init;
 
+/// One accepted EDS `ClusterLoadAssignment`: its hosts and `policy.overprovisioning_factor`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Assignment {
+    pub endpoints: Vec<ResolvedEndpoint>,
+    pub overprovisioning_factor: Option<u32>,
+}
+
 /// Where EDS clusters get their assignments from (the xDS client, through the proxy's
 /// handler). Implementations must not call back into the cluster manager synchronously.
 pub trait EdsSource: Send + Sync + 'static {
@@ -113,9 +120,9 @@ impl ClusterManager {
         for cluster in &to_warm {
             lock(&self.warming).insert(cluster.name().to_string(), cluster.clone());
             if let Some(service) = eds_service(&cluster.config)
-                && let Some(endpoints) = lock(&self.assignments).get(&service)
+                && let Some(a) = lock(&self.assignments).get(&service)
             {
-                cluster.update_hosts(endpoints);
+                cluster.apply_assignment(a);
             }
         }
         drop(writer);
@@ -222,20 +229,20 @@ impl ClusterManager {
     }
 
     /// Applies one accepted `ClusterLoadAssignment` to every cluster of `service`.
-    pub fn apply_eds(&self, service: &str, endpoints: Vec<ResolvedEndpoint>) {
+    pub fn apply_eds(&self, service: &str, assignment: Assignment) {
         let _writer = lock(&self.update);
         for c in self.clusters.load().values() {
             if eds_service(&c.config).as_deref() == Some(service) {
-                c.update_hosts(&endpoints);
+                c.apply_assignment(&assignment);
                 c.stats.update_success.inc();
             }
         }
         for c in lock(&self.warming).values() {
             if eds_service(&c.config).as_deref() == Some(service) {
-                c.update_hosts(&endpoints);
+                c.apply_assignment(&assignment);
             }
         }
-        lock(&self.assignments).insert(service.to_string(), endpoints);
+        lock(&self.assignments).insert(service.to_string(), assignment);
     }
 
     /// Tells the EDS source the services of every EDS cluster, active and warming.
@@ -317,6 +324,13 @@ mod tests {
         Default::default()
     }
 
+    fn assignment(addresses: &[&str]) -> Assignment {
+        Assignment {
+            endpoints: addresses.iter().map(|a| host(a)).collect(),
+            overprovisioning_factor: None,
+        }
+    }
+
     fn host(address: &str) -> ResolvedEndpoint {
         ResolvedEndpoint {
             address: address.parse().expect("address"),
@@ -339,7 +353,7 @@ mod tests {
 
         *lock(&fake.released) = Some(watch::channel(true).0);
         cm.apply_cds(vec![eds("web", "", 1000)]);
-        cm.apply_eds("web", vec![host("10.0.0.1:80")]);
+        cm.apply_eds("web", assignment(&["10.0.0.1:80"]));
         // First version: its assignment arrives (the fake answers at once now).
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while cm.get("web").is_none() && tokio::time::Instant::now() < deadline {
@@ -360,7 +374,7 @@ mod tests {
             Some(BTreeSet::from(["web".to_string(), "web-v2".to_string()]))
         );
 
-        cm.apply_eds("web-v2", vec![host("10.0.0.2:80")]);
+        cm.apply_eds("web-v2", assignment(&["10.0.0.2:80"]));
         if let Some(tx) = lock(&fake.released).as_ref() {
             tx.send_replace(true);
         }

@@ -131,6 +131,9 @@ pub struct Cluster {
     config: Arc<model::Cluster>,
     hosts: ArcSwap<HostSet>,
     lb: LbParams,
+    /// The last EDS assignment's `policy.overprovisioning_factor` (0: none, the cluster's
+    /// own applies).
+    eds_overprovisioning: std::sync::atomic::AtomicU32,
     stats: Arc<ClusterStats>,
     settings: PoolSettings,
     added_via_api: bool,
@@ -174,6 +177,7 @@ impl Cluster {
                 overprovisioning_factor: config.lb_settings.overprovisioning_factor,
                 locality_weighted: config.lb_settings.locality_weighted,
             },
+            eds_overprovisioning: std::sync::atomic::AtomicU32::new(0),
             hosts: ArcSwap::from_pointee(HostSet::default()),
             stats: Arc::new(ClusterStats::default()),
             settings,
@@ -336,6 +340,28 @@ impl Cluster {
         self.hosts.store(Arc::new(next));
     }
 
+    /// The balancing parameters, with an EDS assignment's overprovisioning factor.
+    fn lb_params(&self) -> LbParams {
+        let mut params = self.lb;
+        let eds = self
+            .eds_overprovisioning
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if eds > 0 {
+            params.overprovisioning_factor = eds;
+        }
+        params
+    }
+
+    /// Applies an EDS assignment: its hosts and its `policy.overprovisioning_factor` (`None`:
+    /// Envoy's default, 140, or the cluster's inline one).
+    pub fn apply_assignment(&self, a: &cds::Assignment) {
+        self.eds_overprovisioning.store(
+            a.overprovisioning_factor.unwrap_or(0),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.update_hosts(&a.endpoints);
+    }
+
     /// Replaces the membership, keeping the `Host` (and its connections) of every address
     /// that stays.
     pub fn update_hosts(&self, endpoints: &[ResolvedEndpoint]) {
@@ -377,7 +403,7 @@ impl Cluster {
             }
         }
         self.hosts
-            .store(Arc::new(HostSet::with_params(hosts, self.lb)));
+            .store(Arc::new(HostSet::with_params(hosts, self.lb_params())));
         if let Some(hc) = &self.health_checker {
             hc.hosts_changed();
         }
@@ -628,7 +654,7 @@ pub struct ClusterManager {
     /// ones; see [`cds`].
     warming: Mutex<HashMap<String, Arc<Cluster>>>,
     /// The last accepted `ClusterLoadAssignment` of each EDS service.
-    assignments: Mutex<HashMap<String, Vec<ResolvedEndpoint>>>,
+    assignments: Mutex<HashMap<String, cds::Assignment>>,
     eds: std::sync::OnceLock<Arc<dyn cds::EdsSource>>,
     /// The phases CDS clusters initialize in during the server's initialization.
     pub cds_init: InitPhases,
@@ -867,6 +893,46 @@ mod tests {
             .collect();
         assert_eq!(picks.len(), 4);
         assert!(picks.iter().all(|a| a.ip().to_string() == "10.0.0.1"));
+    }
+
+    #[test]
+    fn an_eds_assignment_brings_its_overprovisioning_factor() {
+        let mut cfg = config(Discovery::Static, vec![]);
+        cfg.lb_settings.healthy_panic_threshold = 0;
+        let c = Cluster::new(Arc::new(cfg), false);
+        let ep = |a: &str, priority: u32, health: HealthStatus| ResolvedEndpoint {
+            address: a.parse().expect("addr"),
+            hostname: String::new(),
+            locality: Locality::default(),
+            health,
+            weight: 1,
+            priority,
+        };
+        let endpoints = vec![
+            ep("10.0.0.1:80", 0, HealthStatus::Healthy),
+            ep("10.0.0.2:80", 0, HealthStatus::Unhealthy),
+            ep("10.0.0.3:80", 1, HealthStatus::Healthy),
+        ];
+        // Priority 0 is 50 % healthy: × 1.4 (Envoy's default) keeps 70 % of the load.
+        c.apply_assignment(&cds::Assignment {
+            endpoints: endpoints.clone(),
+            overprovisioning_factor: None,
+        });
+        assert_eq!(c.host_set().priority_load().load, vec![70, 30]);
+        // The assignment's factor 200 keeps all of it at priority 0.
+        c.apply_assignment(&cds::Assignment {
+            endpoints: endpoints.clone(),
+            overprovisioning_factor: Some(200),
+        });
+        assert_eq!(c.host_set().priority_load().load, vec![100, 0]);
+        // It stays for health-only rebuilds, and a later assignment without one drops it.
+        c.refresh_health();
+        assert_eq!(c.host_set().priority_load().load, vec![100, 0]);
+        c.apply_assignment(&cds::Assignment {
+            endpoints,
+            overprovisioning_factor: None,
+        });
+        assert_eq!(c.host_set().priority_load().load, vec![70, 30]);
     }
 
     #[tokio::test]
