@@ -481,3 +481,31 @@ async fn a_passing_active_health_check_returns_an_ejected_host_at_once() {
     }
     assert_eq!(bad.hits() - before, 2, "back in the round robin");
 }
+
+/// `successful_active_health_check_uneject_host: false`: passing health checks leave an
+/// ejected host out until its ejection time is over.
+#[tokio::test]
+async fn without_uneject_on_health_check_success_the_host_stays_ejected() {
+    let good = Switch::start(200).await;
+    let bad = Switch::start(500).await;
+    let port = free_port();
+    let cluster = static_cluster(
+        "web",
+        &[good.port, bad.port],
+        "    outlier_detection: { consecutive_5xx: 3, interval: 60s, base_ejection_time: 60s, max_ejection_percent: 50, successful_active_health_check_uneject_host: false }\n    health_checks: [ { timeout: 1s, interval: 0.1s, no_traffic_interval: 0.1s, unhealthy_threshold: 2, healthy_threshold: 1, tcp_health_check: {} } ]\n",
+    );
+    let proxy = Proxy::start(&bootstrap(&[cluster], port, ROUTES), &[]);
+    proxy.wait_live().await;
+    for _ in 0..20 {
+        get(port, "web", "/").await;
+    }
+    assert!(stat_becomes(&proxy, &format!("{OD}.ejections_active"), 1).await);
+    let checks = stat(&proxy, "cluster.web.health_check.success").await;
+    // Many passing checks later (every 100 ms), still ejected.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(stat(&proxy, "cluster.web.health_check.success").await > checks);
+    assert_eq!(
+        stat(&proxy, &format!("{OD}.ejections_active")).await,
+        Some(1)
+    );
+}

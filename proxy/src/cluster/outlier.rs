@@ -324,6 +324,9 @@ impl Detector {
     /// check of `host` passes while it is ejected (and not failing active health checks), it
     /// returns at once, its counters reset. For the health checker to call.
     pub fn on_health_check_success(&self, cluster: &Cluster, host: &Arc<Host>) {
+        if !self.config.uneject_on_health_check_success {
+            return;
+        }
         let f = host.flags();
         if f & flags::FAILED_OUTLIER_CHECK == 0 || f & flags::FAILED_ACTIVE_HC != 0 {
             return;

@@ -20,6 +20,9 @@ pub struct OutlierDetection {
     pub max_ejection_percent: u64,
     /// Eject one host even when that exceeds `max_ejection_percent`.
     pub always_eject_one_host: bool,
+    /// `successful_active_health_check_uneject_host` (default true): a passing active health
+    /// check returns an ejected host at once.
+    pub uneject_on_health_check_success: bool,
     pub consecutive_5xx: u64,
     pub enforcing_consecutive_5xx: u64,
     pub consecutive_gateway_failure: u64,
@@ -48,6 +51,7 @@ impl Default for OutlierDetection {
             max_ejection_time: Duration::from_secs(300),
             max_ejection_percent: 10,
             always_eject_one_host: false,
+            uneject_on_health_check_success: true,
             consecutive_5xx: 5,
             enforcing_consecutive_5xx: 100,
             consecutive_gateway_failure: 5,
@@ -123,6 +127,9 @@ pub fn translate(
             d.max_ejection_percent,
         ),
         always_eject_one_host: od.always_eject_one_host.is_some_and(|b| b.value),
+        uneject_on_health_check_success: od
+            .successful_active_health_check_uneject_host
+            .is_none_or(|b| b.value),
         consecutive_5xx: num(od.consecutive_5xx, d.consecutive_5xx),
         enforcing_consecutive_5xx: percent(
             "enforcing_consecutive_5xx",

@@ -156,6 +156,7 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "failure_percentage_request_volume",
             "max_ejection_time",
             "always_eject_one_host",
+            "successful_active_health_check_uneject_host",
         ],
     ),
     (
@@ -730,10 +731,6 @@ const HINTS: &[(&str, &str)] = &[
     (
         "max_ejection_time_jitter",
         "ejection time jitter is not implemented yet",
-    ),
-    (
-        "successful_active_health_check_uneject_host",
-        "outlier detection and active health checking are independent here",
     ),
     (
         "match_subject_alt_names",
