@@ -3,11 +3,13 @@
 //!
 //! Sequence ([`Server::initialize`]), each step waiting for the previous one:
 //! 1. cluster manager, primary phase — STATIC, STRICT_DNS, LOGICAL_DNS clusters (DNS once);
-//! 2. secondary phase — EDS clusters (first assignment, failure, or `initial_fetch_timeout`);
+//! 2. secondary phase — EDS clusters (first assignment, failure, or `initial_fetch_timeout`)
+//!    and bootstrap clusters' SDS secrets (or their `initial_fetch_timeout`);
 //! 3. CDS (when `cds_config` is set): wait for the first CDS response (or failure, or its
 //!    `initial_fetch_timeout`), then the CDS clusters' primary phase, then their secondary
 //!    phase (each EDS cluster's first assignment, or its timeout);
-//! 4. the health-check round (ready at once without active health checks);
+//! 4. the health-check round: every cluster with active health checks until one check of
+//!    each of its initial hosts completed (`cluster::health_check`; at once without them);
 //! 5. the server's init manager starts (`server.state` INITIALIZING); with `lds_config`, LDS
 //!    is subscribed only now and its first response (or failure, or timeout) awaited;
 //! 6. every listener — static or from LDS — warms through the server's init manager (its RDS
