@@ -21,6 +21,11 @@ pub struct Pki {
 /// A throwaway CA, a server certificate for `server_name` and two client certificates
 /// (`client-v1`, `client-v2`).
 pub fn pki(server_name: &str) -> Pki {
+    pki_for(&[server_name.to_string()])
+}
+
+/// [`pki`] with a server certificate for every name of `server_names` (the first is its CN).
+pub fn pki_for(server_names: &[String]) -> Pki {
     let ca_key = KeyPair::generate().expect("key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
     ca_params
@@ -36,7 +41,8 @@ pub fn pki(server_name: &str) -> Pki {
         let cert = params.signed_by(&key, &issuer).expect("sign");
         (cert.pem(), key.serialize_pem(), cert.der().to_vec())
     };
-    let (server_pem, server_key, _) = leaf(vec![server_name.to_string()], server_name);
+    let cn = server_names.first().map_or("server", String::as_str);
+    let (server_pem, server_key, _) = leaf(server_names.to_vec(), cn);
     Pki {
         ca_pem: ca.pem(),
         server: (server_pem, server_key),
