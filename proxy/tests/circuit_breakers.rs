@@ -312,3 +312,56 @@ async fn unsupported_breaker_fields_are_named() {
         "{stderr}"
     );
 }
+
+/// `RouteAction.priority: HIGH` counts against the HIGH thresholds: with DEFAULT
+/// `max_requests: 1` a second concurrent request overflows on a DEFAULT route but not on a HIGH
+/// one (HIGH `max_requests: 5`), and each priority's gauges move on their own.
+#[tokio::test]
+async fn high_priority_routes_use_the_high_thresholds() {
+    let backend = Backend::start("web").await;
+    let routes = r#"
+name: local
+virtual_hosts:
+- name: all
+  domains: ["*"]
+  routes:
+  - match: { prefix: "/high/" }
+    route: { cluster: web, timeout: 10s, priority: HIGH, prefix_rewrite: "/" }
+  - match: { prefix: "/" }
+    route: { cluster: web, timeout: 10s }
+"#;
+    let (proxy, port) = start(
+        "{ max_requests: 1 }, { priority: HIGH, max_requests: 5, track_remaining: true }",
+        routes,
+        &backend,
+    )
+    .await;
+    let slow = tokio::spawn(async move { get(port, "web", "/slow/1500").await });
+    assert!(stat_becomes(&proxy, "cluster.web.circuit_breakers.default.rq_open", 1).await);
+    assert_eq!(
+        get(port, "web", "/fast").await.status,
+        503,
+        "DEFAULT is full"
+    );
+
+    let high: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(async move { get(port, "web", "/high/slow/1000").await }))
+        .collect();
+    assert!(
+        stat_becomes(&proxy, "cluster.web.circuit_breakers.high.remaining_rq", 3).await,
+        "the two HIGH requests count against HIGH's max_requests of 5"
+    );
+    assert_eq!(
+        stat(&proxy, "cluster.web.circuit_breakers.high.rq_open").await,
+        Some(0)
+    );
+    for h in high {
+        assert_eq!(h.await.expect("high request").status, 200);
+    }
+    assert_eq!(slow.await.expect("slow request").status, 200);
+    assert_eq!(
+        stat(&proxy, "cluster.web.upstream_rq_active_overflow").await,
+        Some(1),
+        "only the DEFAULT request overflowed"
+    );
+}

@@ -137,8 +137,30 @@ impl ResourceManager {
     }
 }
 
-/// The breakers of a cluster. Requests are all DEFAULT priority (`RouteAction.priority` is
-/// not supported), so HIGH limits are kept and reported but never reached.
+/// A route's `priority`: which thresholds its requests, retries and the connections they
+/// open count against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Priority {
+    #[default]
+    Default,
+    High,
+}
+
+tokio::task_local! {
+    /// The priority of the request the current task serves (set by the router around
+    /// forwarding: [`with_priority`]); DEFAULT outside one.
+    static PRIORITY: Priority;
+}
+
+/// Runs `f` (a request's forwarding) with its route's priority, which every breaker it
+/// touches — requests, pending requests, retries, the connections it opens — applies.
+pub async fn with_priority<F: std::future::Future>(priority: Priority, f: F) -> F::Output {
+    PRIORITY.scope(priority, f).await
+}
+
+/// The breakers of a cluster, one set per priority, as Envoy's per-priority resource
+/// managers. One pool per host serves both priorities (Envoy keeps one per priority); a
+/// connection counts against the priority of the request that opened it.
 #[derive(Debug)]
 pub struct Breakers {
     default: Arc<ResourceManager>,
@@ -158,9 +180,18 @@ impl Breakers {
         &self.default
     }
 
-    /// A permit for one unit of `kind`, or `None` when the breaker is open.
+    /// The resource manager of the current request's priority.
+    fn current(&self) -> &Arc<ResourceManager> {
+        match PRIORITY.try_with(|p| *p) {
+            Ok(Priority::High) => &self.high,
+            _ => &self.default,
+        }
+    }
+
+    /// A permit for one unit of `kind` at the current request's priority, or `None` when the
+    /// breaker is open.
     pub fn try_acquire(&self, kind: Kind) -> Option<Permit> {
-        let rm = &self.default;
+        let rm = self.current();
         let max = rm.max(kind);
         rm.resource(kind).try_inc(max).then(|| Permit {
             rm: rm.clone(),
@@ -170,9 +201,10 @@ impl Breakers {
 
     /// A permit taken past the limit (Envoy does so for a host's first connection).
     pub fn force(&self, kind: Kind) -> Permit {
-        self.default.resource(kind).inc();
+        let rm = self.current();
+        rm.resource(kind).inc();
         Permit {
-            rm: self.default.clone(),
+            rm: rm.clone(),
             kind,
         }
     }

@@ -167,6 +167,9 @@ pub struct RouteAction {
     pub upgrades: Vec<(String, bool)>,
     /// `hash_policy`, in order (see `http::hash_policy`).
     pub hash_policy: Vec<HashPolicy>,
+    /// `priority`: which of the cluster's circuit-breaker thresholds the request counts
+    /// against.
+    pub priority: crate::cluster::circuit_breaker::Priority,
 }
 
 /// One of a route's `hash_policy` entries.
@@ -1156,6 +1159,21 @@ fn route_action(
         .enumerate()
         .filter_map(|(i, h)| hash_policy(h, &path.field("hash_policy").index(i), errors))
         .collect();
+    let priority = {
+        use crate::cluster::circuit_breaker::Priority;
+        use core::RoutingPriority as P;
+        match P::try_from(a.priority) {
+            Ok(P::Default) => Priority::Default,
+            Ok(P::High) => Priority::High,
+            Err(_) => {
+                errors.push(
+                    &path.field("priority"),
+                    format!("unknown value {}", a.priority),
+                );
+                Priority::Default
+            }
+        }
+    };
     Some(RouteAction {
         cluster: cluster?,
         cluster_not_found_response_code,
@@ -1167,6 +1185,7 @@ fn route_action(
         mirrors,
         upgrades,
         hash_policy,
+        priority,
     })
 }
 

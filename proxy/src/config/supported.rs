@@ -599,6 +599,7 @@ const SUPPORTED: &[(&str, &[&str])] = &[
             "request_mirror_policies",
             "upgrade_configs",
             "hash_policy",
+            "priority",
         ],
     ),
     (

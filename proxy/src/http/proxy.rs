@@ -200,7 +200,8 @@ impl HttpConnectionManager {
                 r
             }
             Action::Route(action) => {
-                self.forward(
+                // The route's priority picks the cluster's circuit-breaker thresholds.
+                let forward = self.forward(
                     &rc,
                     selected,
                     action,
@@ -216,8 +217,8 @@ impl HttpConnectionManager {
                         path,
                         guard,
                     },
-                )
-                .await
+                );
+                crate::cluster::circuit_breaker::with_priority(action.priority, forward).await
             }
         }
     }
