@@ -154,8 +154,13 @@ tokio::task_local! {
 
 /// Runs `f` (a request's forwarding) with its route's priority, which every breaker it
 /// touches — requests, pending requests, retries, the connections it opens — applies.
-pub async fn with_priority<F: std::future::Future>(priority: Priority, f: F) -> F::Output {
-    PRIORITY.scope(priority, f).await
+/// Not an `async fn`: that would keep `f` in its own state next to the scope holding it,
+/// doubling the size of every in-flight request's future (each h2 stream's task).
+pub fn with_priority<F: std::future::Future>(
+    priority: Priority,
+    f: F,
+) -> impl std::future::Future<Output = F::Output> {
+    PRIORITY.scope(priority, f)
 }
 
 /// The breakers of a cluster, one set per priority, as Envoy's per-priority resource
